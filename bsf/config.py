@@ -1,0 +1,225 @@
+"""Run configuration: dataclasses loaded from YAML with strict validation.
+
+One :class:`RunConfig` drives every driver (centralized, torchrun, NVFlare). Unknown keys,
+mistyped values and out-of-range settings raise :class:`bsf.errors.ConfigError` naming the key.
+Overrides use dotted paths: ``train.steps=200 data.root=/data/ukb``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from bsf.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    size: str = "test"
+    in_channels: int = 2
+    use_checkpoint: bool = False
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["ukb", "brats", "atlas"] = "ukb"
+    root: str = ""
+    datalist: str | None = None
+    roi: list[int] = field(default_factory=lambda: [96, 96, 96])
+    crops_per_volume: int = 2
+    batch_size: int = 1
+    num_workers: int = 0
+    val_cases: int = 1
+    cache: Literal["none", "memory"] = "memory"
+
+
+@dataclass
+class SSLConfig:
+    rotation_weight: float = 1.0
+    contrastive_weight: float = 1.0
+    reconstruction_weight: float = 1.0
+    temperature: float = 0.5
+    max_box_fraction: float = 0.25
+    max_corrupted_fraction: float = 0.30
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    accumulate: int = 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    val_every: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 0
+    output_dir: str = "runs/stage1"
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    stage: Literal["ssl"] = "ssl"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def schedule_steps(self) -> int:
+        """Length of the warm-up cosine schedule (``optim.total_steps`` or ``train.steps``)."""
+        return self.optim.total_steps or self.train.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESET_PACKAGE = "bsf.presets"
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets shipped inside the package (without ``.yaml``)."""
+    return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(source: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Build a validated :class:`RunConfig`.
+
+    ``source`` is a YAML path, the name of a shipped preset (``stage1_test``), a mapping, or
+    ``None`` for the defaults. ``overrides`` are ``dotted.key=value`` strings, values parsed as YAML.
+    """
+    raw: dict[str, Any] = {}
+    if isinstance(source, Mapping):
+        raw = dict(source)
+    elif source is not None:
+        raw = _read_yaml(source)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    config = _build(RunConfig, raw, "")
+    validate(config)
+    return config
+
+
+def _read_yaml(source: str | Path) -> dict[str, Any]:
+    path = Path(source)
+    if not path.exists() and str(source) in list_presets():
+        path = Path(str(resources.files(PRESET_PACKAGE) / f"{source}.yaml"))
+    if not path.exists():
+        raise ConfigError(f"config {source}: no such file (shipped presets: {', '.join(list_presets())})")
+    if path.is_dir():
+        raise ConfigError(f"config {source}: is a directory, expected a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {source}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {source}: top level must be a mapping")
+    return data
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid in this section: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against the type hint; return it converted where lossless (int -> float)."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    expected = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def validate(config: RunConfig) -> None:
+    """Range checks that types alone cannot express."""
+    from bsf.model import MODEL_SIZES
+
+    checks = [
+        (config.model.size in MODEL_SIZES, f"model.size: {config.model.size!r} is not one of {', '.join(MODEL_SIZES)}"),
+        (config.model.in_channels >= 1, "model.in_channels must be >= 1"),
+        (len(config.data.roi) == 3, "data.roi must have 3 sides"),
+        (all(s >= 64 and s % 32 == 0 for s in config.data.roi), "data.roi: every side must be a multiple of 32 and >= 64"),
+        (config.data.crops_per_volume >= 1, "data.crops_per_volume must be >= 1"),
+        (config.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (config.data.val_cases >= 0, "data.val_cases must be >= 0"),
+        (config.ssl.temperature > 0, "ssl.temperature must be > 0"),
+        (0 < config.ssl.max_box_fraction <= 1, "ssl.max_box_fraction must be in (0, 1]"),
+        (0 <= config.ssl.max_corrupted_fraction <= 1, "ssl.max_corrupted_fraction must be in [0, 1]"),
+        (config.optim.lr > 0, "optim.lr must be > 0"),
+        (config.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (config.optim.accumulate >= 1, "optim.accumulate must be >= 1"),
+        (config.optim.grad_clip is None or config.optim.grad_clip > 0, "optim.grad_clip must be > 0 or null"),
+        (config.train.steps >= 0, "train.steps must be >= 0"),
+        (config.schedule_steps >= 1, "optim.total_steps must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

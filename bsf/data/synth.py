@@ -1,0 +1,196 @@
+"""Synthetic subjects written in the distributed layouts of UK Biobank, BraTS 2021 and ATLAS v2.0.
+
+Each subject is a randomly scaled and smoothly deformed MNI152 template (GM, WM and CSF maps) sampled
+directly onto the data set's output grid, rendered per contrast from tissue intensities, with lesions
+where the data set has them, a smooth multiplicative bias field, a random global intensity scale and
+Rician noise, and zero outside the brain (skull-stripped). Subject ``i`` uses
+``numpy.random.default_rng([seed, i])``, so the same seed gives identical data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from bsf.data.anatomy import Anatomy, Grid, bias_field, load_template, rician_noise, sample_anatomy
+from bsf.data.lesions import EDEMA, ENHANCING, NECROTIC_CORE, stroke_mask, tumour_labels
+from bsf.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """Mean intensity of white matter, grey matter and CSF in one MRI contrast (WM of T1w = 1)."""
+
+    wm: float
+    gm: float
+    csf: float
+
+
+T1 = Contrast(wm=1.0, gm=0.65, csf=0.25)  # also T1ce outside the tumour
+T2 = Contrast(wm=0.45, gm=0.6, csf=1.0)
+FLAIR = Contrast(wm=0.5, gm=0.6, csf=0.1)
+
+BRATS_CONTRASTS: Mapping[str, Contrast] = {"flair": FLAIR, "t1ce": T1, "t1": T1, "t2": T2}
+TUMOUR_INTENSITY: Mapping[str, Mapping[int, float]] = {
+    "flair": {NECROTIC_CORE: 0.8, EDEMA: 1.0, ENHANCING: 0.85},
+    "t1ce": {NECROTIC_CORE: 0.3, EDEMA: 0.6, ENHANCING: 1.6},
+    "t1": {NECROTIC_CORE: 0.3, EDEMA: 0.55, ENHANCING: 0.5},
+    "t2": {NECROTIC_CORE: 1.0, EDEMA: 0.85, ENHANCING: 0.75},
+}
+STROKE_T1_INTENSITY: Mapping[int, float] = {1: 0.35}
+
+_BASE_INTENSITY = 1000.0
+_MAX_SUBJECTS = {"ukb": 8_999_999, "brats": 100_000, "atlas": 999 * 999}
+
+UKB_GRID = Grid(
+    shape=(182, 218, 182),
+    affine=np.array([[-1.0, 0, 0, 90], [0, 1, 0, -126], [0, 0, 1, -72], [0, 0, 0, 1]]),
+)
+BRATS_SHAPE = (240, 240, 155)
+
+
+def _brats_grid() -> Grid:
+    """240 x 240 x 155 at 1 mm, RAS, centred on the template's brain."""
+    affine = np.eye(4)
+    affine[:3, 3] = load_template().brain_centre_mm - (np.array(BRATS_SHAPE) - 1) / 2.0
+    return Grid(shape=BRATS_SHAPE, affine=affine)
+
+
+def output_grid(dataset: str, spacing: float = 1.0) -> Grid:
+    """The grid a data set's volumes are written on: its 1 mm grid scaled to ``spacing`` mm (same FOV).
+
+    UKB: FSL MNI152 182 x 218 x 182; BraTS: 240 x 240 x 155; ATLAS: MNI152NLin2009aSym 197 x 233 x 189.
+    """
+    one_mm = {"ukb": lambda: UKB_GRID, "brats": _brats_grid, "atlas": lambda: load_template().grid}
+    return one_mm[dataset]().scaled(spacing)
+
+
+def render(
+    anatomy: Anatomy,
+    contrast: Contrast,
+    rng: np.random.Generator,
+    labels: np.ndarray | None = None,
+    lesion_intensity: Mapping[int, float] | None = None,
+) -> np.ndarray:
+    """One image (float32, non-negative, 0 outside the brain) of ``anatomy`` in ``contrast``.
+
+    Tissue intensities are jittered by up to 7 %; voxels with a label in ``lesion_intensity`` take that
+    label's intensity instead. Then a bias field, a random global scale and Rician noise are applied.
+    """
+    jitter = rng.uniform(0.93, 1.07, size=3)
+    image = (
+        anatomy.wm * np.float32(contrast.wm * jitter[0])
+        + anatomy.gm * np.float32(contrast.gm * jitter[1])
+        + anatomy.csf * np.float32(contrast.csf * jitter[2])
+    )
+    for label, value in (lesion_intensity or {}).items():
+        image[labels == label] = value * rng.uniform(0.93, 1.07)
+    scale = _BASE_INTENSITY * rng.uniform(0.7, 1.3)
+    image *= bias_field(rng, anatomy.brain.shape) * np.float32(scale)
+    image = rician_noise(image, rng, sigma=scale * rng.uniform(0.01, 0.03))
+    image[~anatomy.brain] = 0.0
+    return image.astype(np.float32, copy=False)
+
+
+def write_nifti(data: np.ndarray, grid: Grid, path: Path, space: str) -> None:
+    """Write ``data`` on ``grid`` to ``path`` atomically (temporary file in the same folder, then rename).
+
+    ``space`` is the NIfTI sform/qform code name ("mni", "scanner", ...).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(data, grid.affine)
+    image.set_sform(grid.affine, code=space)
+    image.set_qform(grid.affine, code=space)
+    image.header.set_xyzt_units("mm")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.nii.gz")
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_ukb(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path) -> Path:
+    """``<id>_20252_2_0/T1/T1_brain_to_MNI.nii.gz`` and ``<id>_20253_2_0/T2_FLAIR/...``; returns the T1 folder."""
+    anatomy = sample_anatomy(grid, rng)
+    eid = 1_000_000 + index
+    t1_dir = out_dir / f"{eid}_20252_2_0"
+    write_nifti(render(anatomy, T1, rng), grid, t1_dir / "T1" / "T1_brain_to_MNI.nii.gz", "mni")
+    flair_path = out_dir / f"{eid}_20253_2_0" / "T2_FLAIR" / "T2_FLAIR_brain_to_MNI.nii.gz"
+    write_nifti(render(anatomy, FLAIR, rng), grid, flair_path, "mni")
+    return t1_dir
+
+
+def _write_brats(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path) -> Path:
+    """``BraTS2021_<5 digits>/BraTS2021_<5 digits>_{flair,t1ce,t1,t2,seg}.nii.gz``; returns the case folder."""
+    anatomy = sample_anatomy(grid, rng)
+    labels = tumour_labels(anatomy, grid.spacing, rng)
+    case = f"BraTS2021_{index:05d}"
+    case_dir = out_dir / case
+    for modality, contrast in BRATS_CONTRASTS.items():
+        image = render(anatomy, contrast, rng, labels, TUMOUR_INTENSITY[modality])
+        write_nifti(image, grid, case_dir / f"{case}_{modality}.nii.gz", "scanner")
+    write_nifti(labels, grid, case_dir / f"{case}_seg.nii.gz", "scanner")
+    return case_dir
+
+
+def _write_atlas(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path) -> Path:
+    """``ATLAS_2/Training/R<site>/sub-r<site>s<3 digits>/ses-1/anat/...`` (999 subjects per site)."""
+    site, number = index // 999 + 1, index % 999 + 1
+    subject = f"sub-r{site:03d}s{number:03d}"
+    subject_dir = out_dir / "ATLAS_2" / "Training" / f"R{site:03d}" / subject
+    prefix = subject_dir / "ses-1" / "anat" / f"{subject}_ses-1_space-MNI152NLin2009aSym"
+    anatomy = sample_anatomy(grid, rng)
+    lesion = stroke_mask(anatomy, grid, rng)
+    write_nifti(render(anatomy, T1, rng, lesion, STROKE_T1_INTENSITY), grid, Path(f"{prefix}_T1w.nii.gz"), "mni")
+    write_nifti(lesion, grid, Path(f"{prefix}_label-L_desc-T1lesion_mask.nii.gz"), "mni")
+    return subject_dir
+
+
+_WRITERS: Mapping[str, Callable[[int, Grid, np.random.Generator, Path], Path]] = {
+    "ukb": _write_ukb,
+    "brats": _write_brats,
+    "atlas": _write_atlas,
+}
+
+
+def synthesize(
+    dataset: str,
+    n_subjects: int,
+    out_dir: str | Path,
+    *,
+    spacing: float = 1.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[Path]:
+    """Write ``n_subjects`` synthetic subjects of ``dataset`` ("ukb", "brats" or "atlas") under ``out_dir``.
+
+    Volumes have isotropic ``spacing`` mm voxels over the data set's usual field of view. Returns one
+    folder per subject (for UKB the ``<id>_20252_2_0`` folder; its FLAIR lives in ``<id>_20253_2_0``).
+    """
+    out_dir = Path(out_dir)
+    if dataset not in _WRITERS:
+        raise DataError(f"{out_dir}: unknown synthetic data set {dataset!r}; choose one of {', '.join(_WRITERS)}")
+    if not 0 <= n_subjects <= _MAX_SUBJECTS[dataset]:
+        raise ConfigError(f"n_subjects must be in 0..{_MAX_SUBJECTS[dataset]} for {dataset}, got {n_subjects}")
+    if not 0.5 <= spacing <= 8.0:
+        raise ConfigError(f"spacing must be between 0.5 and 8 mm, got {spacing}")
+    grid = output_grid(dataset, spacing)
+    written = [
+        _WRITERS[dataset](index, grid, np.random.default_rng([seed, index]), out_dir)
+        for index in tqdm(range(n_subjects), desc=f"synthesize {dataset}", unit="subject", disable=not progress)
+    ]
+    logger.info("wrote %d synthetic %s subjects (%g mm, %s) under %s", n_subjects, dataset, spacing, grid.shape, out_dir)
+    return written

@@ -1,0 +1,230 @@
+"""The one training core. Every driver (``bsf train``, torchrun, the NVFlare executor) steps this object.
+
+An :class:`Engine` owns the model, AdamW, the warm-up cosine schedule, the grad scaler and a
+position in the deterministic data stream. Everything random is derived from ``(seed, step)``,
+so ``state_dict()`` at step ``t`` plus the config reproduce steps ``t+1, t+2, ...`` exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from bsf.config import RunConfig
+from bsf.data.pipeline import SampleStream, StepSampler, load_cases, seed_for, train_loader, validation_crops
+from bsf.engine.schedule import warmup_cosine
+from bsf.engine.tasks import build_task
+from bsf.errors import CheckpointError
+from bsf.io import atomic_torch_save
+from bsf.model import select_weights
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+_TRAIN_STREAM, _VAL_STREAM, _INIT_STREAM = 1, 2, 3  # independent RNG streams derived from the seed
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+class Engine:
+    """Model + optimiser + schedule + data position, stepped by any driver.
+
+    Args:
+        config: the validated run configuration.
+        rank, world_size: this process's place in a DDP group (``torch.distributed`` must be
+            initialised by the caller when ``world_size > 1``).
+        device: overrides ``config.train.device``.
+    """
+
+    def __init__(self, config: RunConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None):
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.device = device or resolve_device(config.train.device)
+        self.task = build_task(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_for(config.seed, _INIT_STREAM))
+            self.model = self.task.build_model().to(self.device)
+        self.train_model = self.model
+        if world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=config.optim.lr,
+            weight_decay=config.optim.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+        self.scheduler = warmup_cosine(self.optimizer, config.optim.warmup_steps, config.schedule_steps, config.optim.min_lr_ratio)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.precision == "fp16")
+        self.step = 0
+        self.best: dict[str, Any] | None = None
+        self.split = load_cases(config.data, config.seed)
+        self.stream = SampleStream(self.split.train, config.data, config.seed)
+        self._batches: Iterator[dict[str, torch.Tensor]] | None = None
+        self._val_crops: list[torch.Tensor] | None = None
+        log.info("engine: %d training and %d validation cases, device %s", len(self.split.train), len(self.split.val), self.device)
+
+    @property
+    def num_train_cases(self) -> int:
+        return len(self.split.train)
+
+    # ------------------------------------------------------------------ training
+    def _autocast(self):
+        precision = self.config.train.precision
+        if precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _next_micro_batch(self) -> torch.Tensor:
+        if self._batches is None:
+            sampler = StepSampler(self.step, self.config.data.batch_size, self.config.optim.accumulate, self.rank, self.world_size)
+            self._batches = iter(train_loader(self.stream, sampler, self.config.data.num_workers))
+        return next(self._batches)["image"].to(self.device, non_blocking=True)
+
+    def train_steps(self, n: int) -> list[dict[str, float]]:
+        """Run ``n`` optimiser steps. Returns one record per step: ``step``, ``loss``, the loss parts, ``lr``.
+
+        Losses are averaged over micro-batches and, under DDP, over processes. A non-finite loss
+        is returned as is (the caller decides: the centralized driver stops, a federated server
+        rejects the update).
+        """
+        accumulate = self.config.optim.accumulate
+        records = []
+        for _ in range(n):
+            self.train_model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            totals: dict[str, torch.Tensor] = {}
+            for a in range(accumulate):
+                images = self._next_micro_batch()
+                generator = torch.Generator(self.device).manual_seed(
+                    seed_for(self.config.seed, _TRAIN_STREAM, self.step, self.rank * accumulate + a)
+                )
+                sync = nullcontext() if a == accumulate - 1 or self.world_size == 1 else self.train_model.no_sync()
+                with sync:
+                    with self._autocast():
+                        loss, parts = self.task.loss(self.train_model, images, generator)
+                    self.scaler.scale(loss / accumulate).backward()
+                for name, value in {"loss": loss, **parts}.items():
+                    totals[name] = totals.get(name, 0.0) + value.detach().float() / accumulate
+            lr = self.scheduler.get_last_lr()[0]
+            if self.config.optim.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            records.append({"step": self.step, **self._global_mean(totals), "lr": lr})
+        return records
+
+    def _global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        stacked = torch.stack([values[k] for k in values])
+        if self.world_size > 1:
+            dist.all_reduce(stacked)
+            stacked /= self.world_size
+        return {k: float(v) for k, v in zip(values, stacked.tolist())}
+
+    # ---------------------------------------------------------------- validation
+    def validation_inputs(self) -> list[torch.Tensor]:
+        """One centre crop per validation case, (C, *roi) each, loaded on first use."""
+        if self._val_crops is None:
+            self._val_crops = validation_crops(self.split.val, self.config.data)
+        return self._val_crops
+
+    def validate(self) -> dict[str, float]:
+        """Metrics on one centre crop per validation case (fixed corruption seed), averaged over cases."""
+        if not self.split.val:
+            return {}
+        crops = self.validation_inputs()
+        generator = torch.Generator(self.device).manual_seed(seed_for(self.config.seed, _VAL_STREAM))
+        per_batch = self.config.data.batch_size * self.config.data.crops_per_volume
+        self.model.eval()
+        sums: dict[str, float] = {}
+        for first in range(0, len(crops), per_batch):
+            chunk = crops[first : first + per_batch]
+            images = torch.stack(chunk).to(self.device)
+            with self._autocast():
+                metrics = self.task.validate(self.model, images, generator)
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value * len(chunk)
+        return {name: total / len(crops) for name, total in sums.items()}
+
+    def is_better(self, metrics: Mapping[str, float]) -> bool:
+        """Record ``metrics`` as the best so far when its selection metric improves; return whether it did."""
+        name = self.task.best_metric
+        if name not in metrics or not np.isfinite(metrics[name]):
+            return False
+        value = metrics[name]
+        if self.best is not None:
+            better = value < self.best["value"] if self.task.lower_is_better else value > self.best["value"]
+            if not better:
+                return False
+        self.best = {"metric": name, "value": value, "step": self.step}
+        return True
+
+    # ------------------------------------------------------------------ weights
+    def get_weights(self, scope: str = "all") -> dict[str, np.ndarray]:
+        """float32 numpy copies of the model's ``scope`` keys (``encoder`` = ``swinViT.*``)."""
+        state = select_weights(self.model.state_dict(), scope)
+        return {k: v.detach().float().cpu().numpy().copy() for k, v in state.items()}
+
+    def set_weights(self, weights: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        """Copy exactly ``weights`` into the model; keys must exist and shapes match."""
+        state = self.model.state_dict()
+        unknown = sorted(set(weights) - set(state))
+        mismatched = sorted(k for k in weights if k in state and tuple(np.shape(weights[k])) != tuple(state[k].shape))
+        if unknown or mismatched:
+            raise CheckpointError(f"weights do not match the model: unknown keys {unknown}, shape mismatches {mismatched}")
+        with torch.no_grad():
+            for key, value in weights.items():
+                state[key].copy_(torch.as_tensor(np.asarray(value)))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best": self.best,
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"checkpoint version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best = state["best"]
+        self._batches = None  # restart the stream at the restored step
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Write the full resumable state atomically (temp file + rename)."""
+        atomic_torch_save(self.state_dict(), path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path}: no such file")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as exc:  # torch raises many types for a damaged file
+            raise CheckpointError(f"checkpoint {path}: cannot be read ({exc})") from None
+        self.load_state_dict(state)

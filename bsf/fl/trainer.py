@@ -1,0 +1,218 @@
+"""The site side of a round, without NVFlare: one long-lived ``Engine`` and what each task does with it.
+
+``SiteTrainer`` keeps one :class:`bsf.engine.Engine` for the whole job, so optimiser state,
+learning-rate schedule and data order continue across rounds exactly as in a centralized run.
+Only the aggregated part of the model (``scope``: ``encoder`` = ``swinViT.*``, or ``all``) is
+exchanged; everything else (the SSL heads) stays at the site.
+
+What leaves the site (see :meth:`SiteTrainer.train`): the aggregated weights or their
+difference, the step count, the number of training cases, and scalar metrics. Never images,
+file names or per-case values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from bsf.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("encoder", "all")
+TRANSFERS = ("diff", "full")
+TRANSFER_DTYPES = ("float32", "float16")
+RESUME_FILE = "engine_state.pt"
+RESUME_META = "engine_state.json"
+
+
+@dataclass
+class FLSettings:
+    """How a site takes part in a round (the job sets these; they travel as client arguments)."""
+
+    local_steps: int = 2
+    scope: str = "encoder"
+    transfer: str = "diff"
+    transfer_dtype: str = "float32"
+    validate_global: bool = True
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1:
+            raise ConfigError(f"local_steps must be >= 1, got {self.local_steps}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.transfer not in TRANSFERS:
+            raise ConfigError(f"transfer must be one of {TRANSFERS}, got {self.transfer!r}")
+        if self.transfer_dtype not in TRANSFER_DTYPES:
+            raise ConfigError(f"transfer_dtype must be one of {TRANSFER_DTYPES}, got {self.transfer_dtype!r}")
+
+
+@dataclass
+class RoundResult:
+    """What a train task sends back: weights (or differences), their kind, metrics and meta."""
+
+    params: dict[str, np.ndarray]
+    params_type: str  # "DIFF" or "FULL"
+    metrics: dict[str, float]
+    meta: dict[str, Any]
+    records: list[dict[str, float]] = field(default_factory=list)
+
+
+def _as_float32(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in params.items():
+        arr = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        out[k] = np.ascontiguousarray(arr, dtype=np.float32)
+    return out
+
+
+def payload_bytes(params: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the arrays in a payload (what dominates a round's traffic)."""
+    return int(sum(np.asarray(v).nbytes for v in params.values()))
+
+
+class SiteTrainer:
+    """One site's training state across a whole federated job.
+
+    Args:
+        engine: a :class:`bsf.engine.Engine` (anything with its weight/step/validate API).
+        settings: the job's :class:`FLSettings`.
+        site: this site's name (for logs and metrics tags only).
+        state_dir: where the resume checkpoint is kept (``None``: never saved).
+        log_scalar: ``(tag, value, step)`` sink for streamed metrics (e.g. a TensorBoard writer).
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        settings: FLSettings,
+        site: str = "site",
+        state_dir: str | Path | None = None,
+        log_scalar: Callable[[str, float, int], None] | None = None,
+    ):
+        self.engine = engine
+        self.settings = settings
+        self.site = site
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.log_scalar = log_scalar
+        self.rounds_done: int = -1  # the last round this site trained
+        self.scope_keys = sorted(engine.get_weights(settings.scope))
+
+    # ------------------------------------------------------------------ resume
+    def maybe_resume(self, current_round: int) -> bool:
+        """Continue from this site's own checkpoint if a new process joins mid-job.
+
+        NVFlare's simulator restarts a site's process between tasks when there are fewer threads
+        than sites; real sites may restart. The checkpoint of round ``r - 1`` holds the optimiser,
+        schedule and data position, so training continues exactly.
+        """
+        if not self.settings.resume or self.state_dir is None or self.engine.step > 0 or current_round <= 0:
+            return False
+        meta_path = self.state_dir / RESUME_META
+        state_path = self.state_dir / RESUME_FILE
+        if not (meta_path.is_file() and state_path.is_file()):
+            return False
+        meta = json.loads(meta_path.read_text())
+        if meta.get("round") != current_round - 1:
+            log.info("site %s: resume checkpoint is for round %s, not %d; starting fresh", self.site, meta.get("round"), current_round - 1)
+            return False
+        self.engine.load_checkpoint(state_path)
+        self.rounds_done = int(meta["round"])
+        log.info("site %s: resumed at step %d from %s (round %d)", self.site, self.engine.step, state_path, self.rounds_done)
+        return True
+
+    def _save_resume(self, current_round: int) -> None:
+        if not self.settings.resume or self.state_dir is None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(self.state_dir / RESUME_FILE)
+        tmp = self.state_dir / (RESUME_META + ".tmp")
+        tmp.write_text(json.dumps({"round": current_round, "step": int(self.engine.step)}))
+        tmp.replace(self.state_dir / RESUME_META)
+
+    # ------------------------------------------------------------------ tasks
+    def _load_global(self, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        received = _as_float32(params)
+        missing = sorted(set(self.scope_keys) - set(received))
+        unknown = sorted(set(received) - set(self.scope_keys))
+        if missing or unknown:
+            raise CheckpointError(
+                f"site {self.site}: the global model does not match the aggregation scope {self.settings.scope!r}: "
+                f"{len(missing)} missing (e.g. {missing[:3]}), {len(unknown)} unexpected (e.g. {unknown[:3]})"
+            )
+        self.engine.set_weights(received)
+        return received
+
+    def _emit(self, tag: str, value: float, step: int) -> None:
+        if self.log_scalar is not None and value is not None and math.isfinite(value):
+            self.log_scalar(tag, float(value), int(step))
+
+    def train(self, global_params: Mapping[str, Any], current_round: int) -> RoundResult:
+        """Load the global part, (optionally) validate it, run ``local_steps``, return the update."""
+        self.maybe_resume(current_round)
+        received = self._load_global(global_params)
+        metrics: dict[str, float] = {}
+        if self.settings.validate_global:
+            metrics = {k: float(v) for k, v in self.engine.validate().items()}
+            for name, value in metrics.items():
+                self._emit(f"val/{name}", value, self.engine.step)
+        records = self.engine.train_steps(self.settings.local_steps)
+        for record in records:
+            for name, value in record.items():
+                if name != "step":
+                    self._emit(f"train/{name}", value, int(record["step"]))
+        losses = [r["loss"] for r in records]
+        if not all(math.isfinite(x) for x in losses):
+            log.error("site %s: non-finite training loss in round %d: %s", self.site, current_round, losses)
+        new = self.engine.get_weights(self.settings.scope)
+        dtype = np.float16 if self.settings.transfer_dtype == "float16" else np.float32
+        if self.settings.transfer == "diff":
+            params = {k: (new[k] - received[k]).astype(dtype, copy=False) for k in self.scope_keys}
+            params_type = "DIFF"
+        else:
+            params = {k: new[k].astype(dtype, copy=False) for k in self.scope_keys}
+            params_type = "FULL"
+        if losses:
+            metrics["train_loss"] = float(np.mean(losses))
+        meta = {
+            "NUM_STEPS_CURRENT_ROUND": len(records),
+            "num_cases": int(self.engine.num_train_cases),
+            "site_step": int(self.engine.step),
+        }
+        self.rounds_done = current_round
+        self._save_resume(current_round)
+        log.info(
+            "site %s: round %d done, step %d, loss %s, sending %s of %d tensors (%.2f MB)",
+            self.site, current_round, self.engine.step, losses[-1] if losses else None, params_type,
+            len(params), payload_bytes(params) / 1e6,
+        )
+        return RoundResult(params=params, params_type=params_type, metrics=metrics, meta=meta, records=records)
+
+    def validate(self, params: Mapping[str, Any] | None) -> dict[str, float]:
+        """Metrics of a received model (cross-site evaluation) on this site's validation cases.
+
+        The site's own weights are restored afterwards, so training is unaffected.
+        """
+        if not params:
+            return {k: float(v) for k, v in self.engine.validate().items()}
+        backup = self.engine.get_weights(self.settings.scope)
+        try:
+            self._load_global(params)
+            return {k: float(v) for k, v in self.engine.validate().items()}
+        finally:
+            self.engine.set_weights(backup)
+
+    def local_model(self) -> dict[str, np.ndarray]:
+        """The site's current aggregated part (served to cross-site evaluation)."""
+        return self.engine.get_weights(self.settings.scope)
+
+
+def settings_dict(settings: FLSettings) -> dict[str, Any]:
+    return asdict(settings)

@@ -1,0 +1,178 @@
+"""Centralized driver: ``bsf train`` on one process, or ``torchrun --nproc_per_node=N -m bsf.train`` for DDP.
+
+Writes into ``train.output_dir``:
+- ``checkpoint_last.pt``: full resumable engine state (atomic),
+- ``checkpoint_best.pt``: ``{"model": state_dict, "step", "metrics"}`` at the best validation metric,
+- ``summary.json``: per-step losses, validation history, timings, and the paths above,
+- ``tb/``: TensorBoard scalars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from bsf.config import RunConfig, load_config
+from bsf.engine import Engine, resolve_device
+from bsf.errors import BSFError, ConfigError
+from bsf.io import atomic_torch_save, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+LAST, BEST, SUMMARY = "checkpoint_last.pt", "checkpoint_best.pt", "summary.json"
+
+
+class TrainingDiverged(BSFError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class DistributedContext:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistributedContext:
+    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistributedContext()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistributedContext(dist.get_rank(), local_rank, world_size)
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@dataclass
+class RunLog:
+    """What a run reports: one record per step and per validation."""
+
+    steps: list[dict[str, float]] = field(default_factory=list)
+    validations: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run ``config.train.steps`` optimiser steps (continuing a previous run when ``resume``); return the summary."""
+    ctx = init_distributed(config.train.device)
+    try:
+        return _train(config, ctx, resume)
+    finally:
+        if ctx.world_size > 1:
+            dist.destroy_process_group()
+
+
+def _train(config: RunConfig, ctx: DistributedContext, resume: bool) -> dict[str, Any]:
+    out = prepare_output_dir(config.train.output_dir)
+    device = resolve_device(config.train.device, ctx.local_rank)
+    engine = Engine(config, rank=ctx.rank, world_size=ctx.world_size, device=device)
+    if resume and (out / LAST).exists():
+        engine.load_checkpoint(out / LAST)
+        log.info("resumed from %s at step %d", out / LAST, engine.step)
+    writer = _tensorboard(out) if ctx.is_main else None
+    run_log = RunLog()
+    started = time.perf_counter()
+    bar = tqdm(total=config.train.steps, initial=engine.step, desc="train", unit="step", disable=not (ctx.is_main and config.train.progress))
+    while engine.step < config.train.steps:
+        record = engine.train_steps(1)[0]
+        if not math.isfinite(record["loss"]):
+            raise TrainingDiverged(f"loss became {record['loss']} at step {record['step']}; lower optim.lr or enable optim.grad_clip")
+        run_log.steps.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if writer and record["step"] % config.train.log_every == 0:
+            for name, value in record.items():
+                if name != "step":
+                    writer.add_scalar(f"train/{name}", value, record["step"])
+        if _due(engine.step, config.train.val_every, config.train.steps):
+            _validate(engine, run_log, writer, out, ctx)
+        if ctx.is_main and _due(engine.step, config.train.checkpoint_every, config.train.steps):
+            engine.save_checkpoint(out / LAST)
+    bar.close()
+    if writer:
+        writer.close()
+    summary = _summary(config, engine, run_log, out, time.perf_counter() - started)
+    if ctx.is_main:
+        atomic_write_json(summary, out / SUMMARY)
+        log.info("run finished: %d steps, summary in %s", engine.step, out / SUMMARY)
+    return summary
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _validate(engine: Engine, run_log: RunLog, writer, out: Path, ctx: DistributedContext) -> None:
+    metrics = engine.validate()
+    if not metrics:
+        return
+    run_log.validations.append({"step": engine.step, **metrics})
+    if writer:
+        for name, value in metrics.items():
+            writer.add_scalar(f"val/{name}", value, engine.step)
+    if engine.is_better(metrics) and ctx.is_main:
+        atomic_torch_save({"model": engine.model.state_dict(), "step": engine.step, "metrics": metrics}, out / BEST)
+        log.info("step %d: new best %s = %.5f", engine.step, engine.task.best_metric, metrics[engine.task.best_metric])
+
+
+def _tensorboard(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out / "tb"))
+
+
+def _summary(config: RunConfig, engine: Engine, run_log: RunLog, out: Path, seconds: float) -> dict[str, Any]:
+    return {
+        "config": config.to_dict(),
+        "steps_done": engine.step,
+        "steps_this_run": len(run_log.steps),
+        "seconds": round(seconds, 2),
+        "seconds_per_step": round(seconds / max(1, len(run_log.steps)), 4),
+        "train": run_log.steps,
+        "validation": run_log.validations,
+        "best": engine.best,
+        "checkpoints": {"last": str(out / LAST), "best": str(out / BEST) if (out / BEST).exists() else None},
+        "world_size": engine.world_size,
+    }
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    config = load_config(args.config, args.overrides)
+    return train(config, resume=args.resume)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for ``torchrun -m bsf.train``; same arguments as ``bsf train``."""
+    from bsf.cli import add_train_arguments, run_guarded
+
+    parser = argparse.ArgumentParser(prog="python -m bsf.train", description=__doc__)
+    add_train_arguments(parser)
+    return run_guarded(lambda: run_from_args(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
