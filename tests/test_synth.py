@@ -218,11 +218,10 @@ def test_unknown_dataset_and_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_a_crash_while_writing_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_save(image: nib.Nifti1Image, filename: str) -> None:
-        Path(filename).write_bytes(b"half a volume")
+    def crash(image: nib.Nifti1Image) -> bytes:
         raise OSError("disk full")
 
-    monkeypatch.setattr(synth.nib, "save", broken_save)
+    monkeypatch.setattr(synth.nib.Nifti1Image, "to_bytes", crash)
     with pytest.raises(OSError, match="disk full"):
         synthesize("ukb", 1, tmp_path, spacing=SPACING)
     assert _all_files(tmp_path) == set()

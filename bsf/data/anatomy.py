@@ -52,7 +52,7 @@ class Template:
     mask: np.ndarray
     grid: Grid
 
-    @property
+    @functools.cached_property
     def brain_centre_mm(self) -> np.ndarray:
         """World coordinates (mm) of the centre of the brain mask's bounding box."""
         idx = np.nonzero(self.mask > 0.5)
@@ -126,8 +126,11 @@ def rician_noise(image: np.ndarray, rng: np.random.Generator, sigma: float) -> n
 def _template_coordinates(
     template: Template, grid: Grid, rng: np.random.Generator, displacement_mm: float, scale_jitter: float
 ) -> np.ndarray:
-    """Template voxel coordinates (3, *grid.shape; float32) of every output voxel: random scaling about the brain centre plus a
-    smooth random displacement (RMS ``displacement_mm`` per axis; the template has 1 mm voxels)."""
+    """Template voxel coordinates (3, *grid.shape; float32) of every output voxel.
+
+    The mapping is a random scaling about the brain centre plus a smooth random displacement
+    (RMS ``displacement_mm`` per axis; the template has 1 mm voxels, so mm = template voxels).
+    """
     centre = template.brain_centre_mm
     scale = np.diag(1.0 + rng.uniform(-scale_jitter, scale_jitter, size=3))
     world_to_tpl = np.linalg.inv(template.grid.affine)

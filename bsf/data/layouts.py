@@ -76,7 +76,9 @@ def _brats_case(root: Path, folder: Path) -> dict | None:
     for pattern, sep, suffixes in BRATS_NAMING:
         if pattern.fullmatch(folder.name):
             files = [f"{folder.name}/{folder.name}{sep}{suffix}.nii.gz" for suffix in suffixes]
-            return {"id": folder.name, "image": files[:4], "label": files[4]} if _present(root, files, folder.name) else None
+            if not _present(root, files, folder.name):
+                return None
+            return {"id": folder.name, "image": files[:4], "label": files[4]}
     return None
 
 

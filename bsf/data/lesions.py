@@ -63,7 +63,9 @@ def _brain_depth(brain: np.ndarray, spacing: float) -> tuple[np.ndarray, int]:
     return ndimage.distance_transform_edt(coarse, sampling=spacing * stride), stride
 
 
-def _pick_centre(region: np.ndarray, brain: np.ndarray, spacing: float, depth_mm: float, rng: np.random.Generator) -> np.ndarray:
+def _pick_centre(
+    region: np.ndarray, brain: np.ndarray, spacing: float, depth_mm: float, rng: np.random.Generator
+) -> np.ndarray:
     """A random voxel of ``region`` at least ``depth_mm`` inside the brain (else the deepest one)."""
     depth, stride = _brain_depth(brain, spacing)
     ok = (depth >= depth_mm) & region[::stride, ::stride, ::stride]
@@ -102,7 +104,8 @@ def tumour_labels(anatomy: Anatomy, spacing: float, rng: np.random.Generator) ->
 def _world_x(grid: Grid) -> np.ndarray:
     """World x coordinate (mm; + is right in RAS) of every voxel of ``grid``."""
     axes = np.ogrid[tuple(slice(0, n) for n in grid.shape)]
-    return sum(np.float32(grid.affine[0, e]) * axes[e].astype(np.float32) for e in range(3)) + np.float32(grid.affine[0, 3])
+    x = sum(np.float32(grid.affine[0, e]) * axes[e].astype(np.float32) for e in range(3))
+    return x + np.float32(grid.affine[0, 3])
 
 
 def _draw_blob(allowed: np.ndarray, grid: Grid, anchor_mm: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -9,9 +9,8 @@ Rician noise, and zero outside the brain (skull-stripped). Subject ``i`` uses
 
 from __future__ import annotations
 
+import gzip
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from bsf.data.anatomy import Anatomy, Grid, bias_field, load_template, rician_noise, sample_anatomy
 from bsf.data.lesions import EDEMA, ENHANCING, NECROTIC_CORE, stroke_mask, tumour_labels
 from bsf.errors import ConfigError, DataError
+from bsf.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -103,23 +103,16 @@ def render(
 
 
 def write_nifti(data: np.ndarray, grid: Grid, path: Path, space: str) -> None:
-    """Write ``data`` on ``grid`` to ``path`` atomically (temporary file in the same folder, then rename).
+    """Write ``data`` on ``grid`` as a gzipped NIfTI to ``path`` atomically (temporary file, then rename).
 
     ``space`` is the NIfTI sform/qform code name ("mni", "scanner", ...).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(data, grid.affine)
     image.set_sform(grid.affine, code=space)
     image.set_qform(grid.affine, code=space)
     image.header.set_xyzt_units("mm")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.nii.gz")
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=1) as stream:
+        stream.write(image.to_bytes())
 
 
 def _write_ukb(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path) -> Path:
@@ -192,5 +185,7 @@ def synthesize(
         _WRITERS[dataset](index, grid, np.random.default_rng([seed, index]), out_dir)
         for index in tqdm(range(n_subjects), desc=f"synthesize {dataset}", unit="subject", disable=not progress)
     ]
-    logger.info("wrote %d synthetic %s subjects (%g mm, %s) under %s", n_subjects, dataset, spacing, grid.shape, out_dir)
+    logger.info(
+        "wrote %d synthetic %s subjects (%g mm, grid %s) under %s", n_subjects, dataset, spacing, grid.shape, out_dir
+    )
     return written

@@ -188,8 +188,7 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
     if spec.cross_site_eval:
         locator_id = job.to_server(PTFileModelLocator(pt_persistor_id="persistor"), id="model_locator")
         job.to_server(CrossSiteModelEval(model_locator_id=locator_id), id="cross_site_eval")
-    job.add_file_to_server(str(run_config_path), app_folder_type="config")
-    job.add_file_to_clients(str(run_config_path), app_folder_type="config")
+    # the client app first: creating it is what adds the event converter that streams metrics
     job.to_clients(
         ScriptRunner(
             script=ENTRY_SCRIPT,
@@ -200,6 +199,8 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
             params_transfer_type=TransferType.FULL,  # the site computes its own difference (see SiteTrainer)
         )
     )
+    job.add_file_to_server(str(run_config_path), app_folder_type="config")
+    job.add_file_to_clients(str(run_config_path), app_folder_type="config")
 
     class _BSFRecipe(Recipe):
         def _prepare_client_apps(self) -> None:  # the client app is already in the job

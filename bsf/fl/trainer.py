@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -30,6 +31,7 @@ TRANSFERS = ("diff", "full")
 TRANSFER_DTYPES = ("float32", "float16")
 RESUME_FILE = "engine_state.pt"
 RESUME_META = "engine_state.json"
+TRAIN_LOG = "train_log.jsonl"
 
 
 @dataclass
@@ -103,6 +105,8 @@ class SiteTrainer:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.log_scalar = log_scalar
         self.rounds_done: int = -1  # the last round this site trained
+        # (what the server makes of this site's last update alone, this site's exact weights)
+        self._round_trip: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         self.scope_keys = sorted(engine.get_weights(settings.scope))
 
     # ------------------------------------------------------------------ resume
@@ -137,8 +141,17 @@ class SiteTrainer:
         tmp.write_text(json.dumps({"round": current_round, "step": int(self.engine.step)}))
         tmp.replace(self.state_dir / RESUME_META)
 
+    def _append_log(self, current_round: int, metrics: Mapping[str, float], records: list[dict[str, float]], seconds: float) -> None:
+        """The site's own record of every round (stays at the site): ``<state_dir>/train_log.jsonl``."""
+        if self.state_dir is None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / TRAIN_LOG, "a") as handle:
+            entry = {"round": current_round, "seconds": round(seconds, 3), "metrics": dict(metrics), "steps": records}
+            handle.write(json.dumps(entry) + "\n")
+
     # ------------------------------------------------------------------ tasks
-    def _load_global(self, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def _load_global(self, params: Mapping[str, Any], allow_own: bool = False) -> dict[str, np.ndarray]:
         received = _as_float32(params)
         missing = sorted(set(self.scope_keys) - set(received))
         unknown = sorted(set(received) - set(self.scope_keys))
@@ -147,8 +160,21 @@ class SiteTrainer:
                 f"site {self.site}: the global model does not match the aggregation scope {self.settings.scope!r}: "
                 f"{len(missing)} missing (e.g. {missing[:3]}), {len(unknown)} unexpected (e.g. {unknown[:3]})"
             )
+        if allow_own and self._is_own_round_trip(received):
+            # The global model is this site's last update alone (a one-site federation, or every
+            # other update rejected): global + (new - global) can miss `new` by an ulp in float32,
+            # and Adam amplifies ulps, so continue from the exact weights the global stands for.
+            log.info("site %s: the global model is this site's own update; continuing from its exact weights", self.site)
+            self.engine.set_weights(self._round_trip[1])
+            return received
         self.engine.set_weights(received)
         return received
+
+    def _is_own_round_trip(self, received: Mapping[str, np.ndarray]) -> bool:
+        if self._round_trip is None:
+            return False
+        expected = self._round_trip[0]
+        return all(np.array_equal(received[k], expected[k]) for k in self.scope_keys)
 
     def _emit(self, tag: str, value: float, step: int) -> None:
         if self.log_scalar is not None and value is not None and math.isfinite(value):
@@ -156,8 +182,9 @@ class SiteTrainer:
 
     def train(self, global_params: Mapping[str, Any], current_round: int) -> RoundResult:
         """Load the global part, (optionally) validate it, run ``local_steps``, return the update."""
+        started = time.perf_counter()
         self.maybe_resume(current_round)
-        received = self._load_global(global_params)
+        received = self._load_global(global_params, allow_own=True)
         metrics: dict[str, float] = {}
         if self.settings.validate_global:
             metrics = {k: float(v) for k, v in self.engine.validate().items()}
@@ -179,6 +206,10 @@ class SiteTrainer:
         else:
             params = {k: new[k].astype(dtype, copy=False) for k in self.scope_keys}
             params_type = "FULL"
+        if params_type == "DIFF" and dtype == np.float32:
+            self._round_trip = ({k: received[k] + params[k] for k in self.scope_keys}, new)
+        else:
+            self._round_trip = None
         if losses:
             metrics["train_loss"] = float(np.mean(losses))
         meta = {
@@ -187,6 +218,7 @@ class SiteTrainer:
             "site_step": int(self.engine.step),
         }
         self.rounds_done = current_round
+        self._append_log(current_round, metrics, records, time.perf_counter() - started)
         self._save_resume(current_round)
         log.info(
             "site %s: round %d done, step %d, loss %s, sending %s of %d tensors (%.2f MB)",
