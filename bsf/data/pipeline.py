@@ -112,7 +112,7 @@ def deterministic_transforms(roi: Sequence[int]) -> Compose:
     return Compose(
         [
             LoadImaged(keys="image", ensure_channel_first=True, image_only=True),
-            Orientationd(keys="image", axcodes="RAS"),
+            Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
             CropForegroundd(keys="image", source_key="image", allow_smaller=True),
             SpatialPadd(keys="image", spatial_size=list(roi)),
