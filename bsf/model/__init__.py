@@ -1,5 +1,13 @@
 """SwinUNETR sizes, the SSL model, and encoder weight import/export (keys ``swinViT.*``)."""
 
+from bsf.model.adapt import (
+    AdaptationReport,
+    adapt_checkpoint,
+    adapt_input_channels,
+    canonical_modalities,
+    canonical_modality,
+    plan_channel_adaptation,
+)
 from bsf.model.checkpoint import (
     ENCODER_PREFIX,
     ImportReport,
@@ -14,6 +22,12 @@ from bsf.model.sizes import MODEL_SIZES, ModelSize, build_swin_unetr, count_para
 from bsf.model.ssl_model import SSLModel, SSLOutput
 
 __all__ = [
+    "AdaptationReport",
+    "adapt_checkpoint",
+    "adapt_input_channels",
+    "canonical_modalities",
+    "canonical_modality",
+    "plan_channel_adaptation",
     "ENCODER_PREFIX",
     "MODEL_SIZES",
     "ImportReport",
