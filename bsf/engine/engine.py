@@ -37,6 +37,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def build_model(config: RunConfig) -> torch.nn.Module:
+    """The stage's model, initialised from the config's seed (identical in every process and on the FL server)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_for(config.seed, _INIT_STREAM))
+        return build_task(config).build_model()
+
+
 class Engine:
     """Model + optimiser + schedule + data position, stepped by any driver.
 
@@ -52,9 +59,7 @@ class Engine:
         self.rank, self.world_size = rank, world_size
         self.device = device or resolve_device(config.train.device)
         self.task = build_task(config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_for(config.seed, _INIT_STREAM))
-            self.model = self.task.build_model().to(self.device)
+        self.model = build_model(config).to(self.device)
         self.train_model = self.model
         if world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None

@@ -79,6 +79,10 @@ class JSONMetricsReceiver(AnalyticsReceiver):
     def _write(self) -> None:
         if not self._path:
             return
+        # events travel asynchronously and can arrive out of order: keep each series sorted by step
+        for tags in self._series.values():
+            for points in tags.values():
+                points.sort(key=lambda p: -1 if p[0] is None else p[0])
         last = {
             site: {tag: points[-1][1] for tag, points in tags.items() if points} for site, tags in self._series.items()
         }

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -110,22 +110,25 @@ class SiteTrainer:
         self.scope_keys = sorted(engine.get_weights(settings.scope))
 
     # ------------------------------------------------------------------ resume
-    def maybe_resume(self, current_round: int) -> bool:
+    def maybe_resume(self, current_round: int | None = None) -> bool:
         """Continue from this site's own checkpoint if a new process joins mid-job.
 
         NVFlare's simulator restarts a site's process between tasks when there are fewer threads
         than sites; real sites may restart. The checkpoint of round ``r - 1`` holds the optimiser,
-        schedule and data position, so training continues exactly.
+        schedule and data position, so training continues exactly. ``current_round=None`` (evaluation
+        tasks) takes the latest checkpoint of this job, whatever its round.
         """
-        if not self.settings.resume or self.state_dir is None or self.engine.step > 0 or current_round <= 0:
+        if not self.settings.resume or self.state_dir is None or self.engine.step > 0:
+            return False
+        if current_round is not None and current_round <= 0:
             return False
         meta_path = self.state_dir / RESUME_META
         state_path = self.state_dir / RESUME_FILE
         if not (meta_path.is_file() and state_path.is_file()):
             return False
         meta = json.loads(meta_path.read_text())
-        if meta.get("round") != current_round - 1:
-            log.info("site %s: resume checkpoint is for round %s, not %d; starting fresh", self.site, meta.get("round"), current_round - 1)
+        if current_round is not None and meta.get("round") != current_round - 1:
+            log.info("site %s: resume checkpoint is for round %s, not %s; starting fresh", self.site, meta.get("round"), current_round - 1)
             return False
         self.engine.load_checkpoint(state_path)
         self.rounds_done = int(meta["round"])
@@ -232,6 +235,7 @@ class SiteTrainer:
 
         The site's own weights are restored afterwards, so training is unaffected.
         """
+        self.maybe_resume(None)
         if not params:
             return {k: float(v) for k, v in self.engine.validate().items()}
         backup = self.engine.get_weights(self.settings.scope)
@@ -243,8 +247,5 @@ class SiteTrainer:
 
     def local_model(self) -> dict[str, np.ndarray]:
         """The site's current aggregated part (served to cross-site evaluation)."""
+        self.maybe_resume(None)
         return self.engine.get_weights(self.settings.scope)
-
-
-def settings_dict(settings: FLSettings) -> dict[str, Any]:
-    return asdict(settings)
