@@ -24,7 +24,13 @@ from bsf.errors import ConfigError
 class ModelConfig:
     size: str = "test"
     in_channels: int = 2
+    out_channels: int = 3  # fine-tuning only: BraTS 3 (TC, WT, ET), ATLAS 1
+    dropout: float = 0.0
     use_checkpoint: bool = False
+    # the previous stage's model (any layout bsf.model.import_weights reads); its encoder is loaded,
+    # its input channels adapted by modality name from pretrained_modalities to data.modalities
+    pretrained: str | None = None
+    pretrained_modalities: list[str] = field(default_factory=lambda: ["t1", "flair"])
 
 
 @dataclass
@@ -37,7 +43,17 @@ class DataConfig:
     batch_size: int = 1
     num_workers: int = 0
     val_cases: int = 1
-    cache: Literal["none", "memory"] = "memory"
+    cache: Literal["none", "memory", "persistent"] = "memory"
+    # persistent: MONAI PersistentDataset folder (preprocessed volumes on disk); also remembers checked files
+    cache_dir: str = ""
+    # channel mapping by modality name, e.g. [t1] for BraTS T1-only; empty = every image file, in datalist order
+    modalities: list[str] = field(default_factory=list)
+    # BraTS: the datalist's "fold" K becomes validation, the other folds training
+    fold: int | None = None
+    # before training: "header" reads NIfTI headers only; "full" also decodes every voxel (NaN/Inf, empty, labels)
+    check: Literal["header", "full"] = "full"
+    # leave out (and log) cases that fail the check instead of refusing to start
+    skip_broken: bool = False
 
 
 @dataclass
@@ -62,6 +78,16 @@ class OptimConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    label_format: Literal["auto", "brats2021", "brats2023"] = "auto"  # BraTS enhancing tumour = 4 (2021) or 3 (2023+)
+    freeze_encoder: bool = False
+    encoder_lr_scale: float = 1.0
+    sw_overlap: float = 0.5
+    sw_batch_size: int = 2
+    threshold: float = 0.5
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -75,12 +101,13 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    stage: Literal["ssl"] = "ssl"
+    stage: Literal["ssl", "finetune"] = "ssl"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -204,6 +231,13 @@ def validate(config: RunConfig) -> None:
     checks = [
         (config.model.size in MODEL_SIZES, f"model.size: {config.model.size!r} is not one of {', '.join(MODEL_SIZES)}"),
         (config.model.in_channels >= 1, "model.in_channels must be >= 1"),
+        (config.model.out_channels >= 1, "model.out_channels must be >= 1"),
+        (0 <= config.model.dropout < 1, "model.dropout must be in [0, 1)"),
+        (not config.data.modalities or len(config.data.modalities) == config.model.in_channels,
+         "data.modalities must name one modality per model.in_channels"),
+        (config.stage == "ssl" or config.data.dataset != "ukb", "stage finetune needs labelled data: data.dataset brats or atlas"),
+        (0 <= config.finetune.sw_overlap < 1, "finetune.sw_overlap must be in [0, 1)"),
+        (config.finetune.encoder_lr_scale >= 0, "finetune.encoder_lr_scale must be >= 0"),
         (len(config.data.roi) == 3, "data.roi must have 3 sides"),
         (all(s >= 64 and s % 32 == 0 for s in config.data.roi), "data.roi: every side must be a multiple of 32 and >= 64"),
         (config.data.crops_per_volume >= 1, "data.crops_per_volume must be >= 1"),

@@ -8,15 +8,15 @@ process count never changes what a given sample is.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, Dataset, list_data_collate
+from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
@@ -25,12 +25,12 @@ from monai.transforms import (
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
-    RandSpatialCropSamplesd,
     SpatialPadd,
+    Transform,
 )
 from torch.utils.data import DataLoader, Sampler
 
-from bsf.data.layouts import find_ukb_subjects
+from bsf.data.index import FINDERS, MODALITIES, absolute, read_datalist, select_modalities
 from bsf.config import DataConfig
 from bsf.errors import DataError
 
@@ -51,48 +51,78 @@ class CaseSplit:
 
 
 def load_cases(cfg: DataConfig, seed: int) -> CaseSplit:
-    """Find the cases of ``cfg.dataset`` (from a datalist JSON, else the folder layout) and split off validation.
+    """Find the cases of ``cfg.dataset`` (from a datalist JSON, else the folder layout), check them, split off validation.
 
     Paths in the result are absolute. A datalist is MONAI-style JSON
     ``{"training": [{"image": [...]}, ...], "validation": [...]}`` with paths relative to
-    ``data.root`` (or to the JSON's folder when ``root`` is empty).
+    ``data.root`` (else the datalist's ``"root"``, else the JSON's folder); see :mod:`bsf.data.index`.
+    Every case then passes :func:`bsf.data.check.check_cases` (headers, and voxels when
+    ``data.check`` is "full"): broken cases stop the run with a :class:`DataError` naming each file
+    and problem, or are left out and logged when ``data.skip_broken`` is set.
     """
     if cfg.datalist:
-        return _read_datalist(Path(cfg.datalist), cfg.root, cfg.val_cases, seed)
-    root = Path(cfg.root)
-    if not cfg.root or not root.is_dir():
-        raise DataError(f"data.root {cfg.root or '(empty)'}: no such data folder")
-    if cfg.dataset != "ukb":
-        raise DataError(f"data.dataset {cfg.dataset}: only 'ukb' can be indexed from a folder yet; give data.datalist")
-    cases = [_absolute(case, root) for case in find_ukb_subjects(root)]
-    return _split(cases, cfg.val_cases, seed)
+        listing = read_datalist(cfg.datalist, cfg.root or None)
+        where = f"datalist {listing.path}"
+        modalities = listing.content.get("modalities") or MODALITIES[cfg.dataset]
+        labels = listing.content.get("labels")
+        train = [absolute(c, listing.base) for c in listing.training]
+        val = None if listing.validation is None else [absolute(c, listing.base) for c in listing.validation]
+        if cfg.fold is not None:
+            train, val = fold_split(train + (val or []), cfg.fold, where)
+    else:
+        root = Path(cfg.root)
+        if not cfg.root or not root.is_dir():
+            raise DataError(f"data.root {cfg.root or '(empty)'}: no such data folder")
+        if cfg.fold is not None:
+            raise DataError("data.fold needs a datalist with folds (write one with `bsf data index --dataset brats`)")
+        where, modalities, labels = f"data.root {root}", MODALITIES[cfg.dataset], None
+        train, val = [absolute(case, root) for case in FINDERS[cfg.dataset](root)], None
+    if cfg.modalities:
+        train = [select_modalities(c, cfg.modalities, modalities, where) for c in train]
+        val = None if val is None else [select_modalities(c, cfg.modalities, modalities, where) for c in val]
+    train = _checked(train, cfg, where, labels)
+    if val is None:
+        return _split(train, cfg.val_cases, seed)
+    return CaseSplit(train, _checked(val, cfg, where, labels, role="validation") if val else [])
 
 
-def _read_datalist(path: Path, root: str, val_cases: int, seed: int) -> CaseSplit:
-    if not path.is_file():
-        raise DataError(f"datalist {path}: no such file")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"datalist {path}: not valid JSON ({exc})") from None
-    base = Path(root) if root else path.parent
-    train = [_absolute(c, base) for c in content.get("training", [])]
-    if not train:
-        raise DataError(f"datalist {path}: no cases under 'training'")
-    if "validation" in content:
-        return CaseSplit(train, [_absolute(c, base) for c in content["validation"]])
-    return _split(train, val_cases, seed)
+def fold_split(cases: list[Case], fold: int, where: str) -> tuple[list[Case], list[Case]]:
+    if any("fold" not in c for c in cases):
+        raise DataError(f"{where}: data.fold={fold} but its cases carry no 'fold' (index it with `bsf data index --dataset brats`)")
+    folds = sorted({int(c["fold"]) for c in cases})
+    if fold not in folds:
+        raise DataError(f"{where}: data.fold={fold} not among its folds {folds}")
+    return [c for c in cases if c["fold"] != fold], [c for c in cases if c["fold"] == fold]
 
 
-def _absolute(case: Case, base: Path) -> Case:
-    def resolve(p: str) -> str:
-        return str(p if Path(p).is_absolute() else base / p)
+def _checked(cases: list[Case], cfg: DataConfig, where: str, labels: list[int] | None, role: str = "training") -> list[Case]:
+    """``cases`` that pass the pre-training check; DataError (or, with ``skip_broken``, a logged skip) for the rest."""
+    from bsf.data.check import check_cases  # local: keeps the module import light
 
-    out = dict(case)
-    for key in ("image", "label"):
-        if key in out:
-            out[key] = [resolve(p) for p in out[key]] if isinstance(out[key], list) else resolve(out[key])
-    return out
+    report = check_cases(
+        cases,
+        data=cfg.check == "full",
+        workers=max(1, cfg.num_workers),
+        dataset=cfg.dataset,
+        labels=labels,
+        memo_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+    )
+    for problem in report.warnings:
+        log.warning("%s: %s", problem.file or problem.case, problem.problem)
+    if report.ok:
+        return cases
+    if not cfg.skip_broken:
+        raise DataError(
+            f"{where}: {len(report.broken)} broken {role} case(s); fix them, or set data.skip_broken=true to leave them out: "
+            + report.one_line()
+        )
+    log.warning("%s: leaving out %d broken %s case(s) (data.skip_broken):", where, len(report.broken), role)
+    for problem in report.errors:
+        log.warning("  %s: %s", problem.file or problem.case, problem.problem)
+    kept = [c for i, c in enumerate(cases) if i not in report.broken]
+    if role == "training" and not kept:
+        raise DataError(f"{where}: every training case is broken: " + report.one_line())
+    return kept
 
 
 def _split(cases: list[Case], val_cases: int, seed: int) -> CaseSplit:
@@ -104,38 +134,150 @@ def _split(cases: list[Case], val_cases: int, seed: int) -> CaseSplit:
     return CaseSplit(train, val)
 
 
-def deterministic_transforms(roi: Sequence[int]) -> Compose:
+class CheckedLoadd(Transform):
+    """``LoadImaged`` of ``image`` (and ``label`` when present), channels first, that turns any read failure,
+    and non-finite voxels, into a :class:`DataError` naming the file and the problem (a MONAI/nibabel
+    traceback names neither well).
+
+    A MONAI ``Transform`` (and not random), so Cache/PersistentDataset cache everything after it too."""
+
+    def __init__(self, with_label: bool = False) -> None:
+        self.keys = ["image", "label"] if with_label else ["image"]
+        self.load = LoadImaged(keys=self.keys, ensure_channel_first=True, image_only=True)
+
+    def __call__(self, data: Case) -> Case:
+        files = [f for key in self.keys for f in (data[key] if isinstance(data[key], list) else [data[key]])]
+        try:
+            out = self.load(data)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            raise DataError(_load_failure(files, exc)) from None
+        image = out["image"]
+        finite = torch.isfinite(image.reshape(image.shape[0], -1)).all(dim=1)
+        if not bool(finite.all()):
+            images = data["image"] if isinstance(data["image"], list) else [data["image"]]
+            bad = [images[i] if len(images) == image.shape[0] else ", ".join(images) for i in range(image.shape[0]) if not finite[i]]
+            raise DataError(f"{bad[0]}: holds NaN or Inf voxels")
+        return out
+
+
+def _load_failure(files: list[str], exc: Exception) -> str:
+    """The first file of a failed load that shows a problem, with the problem; else the raw error."""
+    from bsf.data.check import file_data_problems, file_header
+
+    for name in files:
+        header, problems = file_header(Path(name))
+        if header is None or problems:
+            text = problems[0][1] if problems else "unreadable"
+            return f"{name}: {text}"
+        problems = file_data_problems(Path(name), "image", None)
+        if problems:
+            return f"{name}: {problems[0][1]}"
+    return f"{', '.join(files)}: cannot load ({type(exc).__name__}: {exc})"
+
+
+def as_data_error(exc: BaseException) -> BaseException:
+    """The :class:`DataError` inside MONAI's ``RuntimeError("applying transform ...")`` wrapping, else ``exc``."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, DataError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+def deterministic_transforms(roi: Sequence[int], label_transform: Transform | None = None) -> Compose:
     """Load all modalities as channels, orient to RAS, z-score the brain per channel, crop to it, pad to ``roi``.
 
-    Output ``image``: float32 tensor (C, X, Y, Z) with every side >= the ROI side.
+    Output ``image``: float32 tensor (C, X, Y, Z) with every side >= the ROI side. With a
+    ``label_transform`` the case's ``label`` is loaded too, converted by it right after loading
+    (e.g. BraTS labels -> TC/WT/ET channels), and cropped and padded with the image.
     """
+    keys = ["image", "label"] if label_transform is not None else ["image"]
     return Compose(
         [
-            LoadImaged(keys="image", ensure_channel_first=True, image_only=True),
-            Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            CheckedLoadd(with_label=label_transform is not None),
+            *([label_transform] if label_transform is not None else []),
+            Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-            CropForegroundd(keys="image", source_key="image", allow_smaller=True),
-            SpatialPadd(keys="image", spatial_size=list(roi)),
-            EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+            CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
+            SpatialPadd(keys=keys, spatial_size=list(roi)),
+            EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
+            CompactImaged(keys),
         ]
     )
 
 
-class SampleStream(torch.utils.data.Dataset):
-    """Maps a global sample id to ``crops_per_volume`` random crops of one case.
+class CompactImaged(Transform):
+    """Make each of ``keys`` an owning, contiguous tensor: the foreground crop is a view of the whole grid,
+    and a persistent cache would otherwise save (and read back) the uncropped storage."""
 
-    ``self[s]`` -> list of ``{"image": (C, *roi)}`` dicts, reproducible from ``(seed, s)``.
+    def __init__(self, keys: Sequence[str] = ("image",)) -> None:
+        self.keys = list(keys)
+
+    def __call__(self, data: Case) -> Case:
+        out = dict(data)
+        for key in self.keys:
+            tensor = out[key]
+            if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() or not tensor.is_contiguous():
+                out[key] = tensor.contiguous().clone() if tensor.is_contiguous() else tensor.contiguous()
+        return out
+
+
+#: bump when deterministic_transforms changes: persistent cache entries of older versions are not reused
+PREPROCESS_VERSION = 2
+
+
+def persistent_dataset(cases: list[Case], transform: Compose, cache_dir: str, roi: Sequence[int]) -> Dataset:
+    """MONAI ``PersistentDataset``: each case's preprocessed volume is written once to ``cache_dir`` as a .pt file.
+
+    The cache key hashes the case entry, each file's size and modification time, the ROI and
+    :data:`PREPROCESS_VERSION`, so a replaced file or changed preprocessing gets a new entry.
+    Size: the float32 volume after the foreground crop (BraTS ~70 MB a case, 143 MB uncropped).
+    """
+    if not cache_dir:
+        raise DataError("data.cache=persistent needs data.cache_dir (a folder on fast local disk)")
+    folder = Path(cache_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"data.cache_dir {folder}: cannot create ({exc.strerror or exc})") from None
+    stamped = [{**case, "_stamp": f"v{PREPROCESS_VERSION}|roi={list(roi)}|{_stamp(case)}"} for case in cases]
+    return PersistentDataset(stamped, transform, cache_dir=folder)
+
+
+def _stamp(case: Case) -> str:
+    parts = []
+    files = case["image"] if isinstance(case["image"], list) else [case["image"]]
+    for name in [*files, *([case["label"]] if case.get("label") else [])]:
+        try:
+            st = os.stat(name)
+            parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            parts.append("?")
+    return ",".join(parts)
+
+
+class SampleStream(torch.utils.data.Dataset):
+    """Maps a global sample id to the random crops of one case.
+
+    ``self[s]`` -> list of ``{"image": (C, *roi)[, "label": (K, *roi)]}`` dicts from ``random_transform``
+    (which must return a list, e.g. ``RandSpatialCropSamplesd`` first), reproducible from ``(seed, s)``.
     """
 
-    def __init__(self, cases: list[Case], cfg: DataConfig, seed: int):
+    def __init__(self, cases: list[Case], cfg: DataConfig, seed: int, random_transform: Compose, label_transform: Transform | None = None):
         self.seed = seed
         self.n_cases = len(cases)
-        base = deterministic_transforms(cfg.roi)
-        if cfg.cache == "memory":
-            self.volumes: Dataset = CacheDataset(cases, base, cache_rate=1.0, num_workers=max(cfg.num_workers, 1), progress=False)
-        else:
-            self.volumes = Dataset(cases, base)
-        self.crop = RandSpatialCropSamplesd(keys="image", roi_size=list(cfg.roi), num_samples=cfg.crops_per_volume, random_size=False)
+        base = deterministic_transforms(cfg.roi, label_transform)
+        try:
+            if cfg.cache == "memory":
+                self.volumes: Dataset = CacheDataset(cases, base, cache_rate=1.0, num_workers=max(cfg.num_workers, 1), progress=False)
+            elif cfg.cache == "persistent":
+                self.volumes = persistent_dataset(cases, base, cfg.cache_dir, cfg.roi)
+            else:
+                self.volumes = Dataset(cases, base)
+        except RuntimeError as exc:
+            raise as_data_error(exc) from None
+        self.random_transform = random_transform
 
     def case_index(self, sample_id: int) -> int:
         epoch, position = divmod(sample_id, self.n_cases)
@@ -145,9 +287,13 @@ class SampleStream(torch.utils.data.Dataset):
         return self.n_cases
 
     def __getitem__(self, sample_id: int) -> list[dict[str, torch.Tensor]]:
-        volume = self.volumes[self.case_index(sample_id)]
-        self.crop.set_random_state(seed=seed_for(self.seed, sample_id))
-        return [{"image": crop["image"]} for crop in self.crop(volume)]
+        try:
+            volume = self.volumes[self.case_index(sample_id)]
+        except RuntimeError as exc:
+            raise as_data_error(exc) from None
+        self.random_transform.set_random_state(seed=seed_for(self.seed, sample_id))
+        keys = [k for k in ("image", "label") if k in volume]
+        return [{k: crop[k] for k in keys} for crop in self.random_transform(volume)]
 
 
 class StepSampler(Sampler[int]):
@@ -188,7 +334,16 @@ def train_loader(stream: SampleStream, sampler: StepSampler, num_workers: int) -
     )
 
 
+def validation_volumes(cases: list[Case], cfg: DataConfig, label_transform: Transform | None = None) -> list[Case]:
+    """Each validation case preprocessed like training data, uncropped: ``{"image": (C, X, Y, Z)[, "label"]}``."""
+    transform = deterministic_transforms(cfg.roi, label_transform)
+    try:
+        return [transform(case) for case in cases]
+    except RuntimeError as exc:
+        raise as_data_error(exc) from None
+
+
 def validation_crops(cases: list[Case], cfg: DataConfig) -> list[torch.Tensor]:
     """One centre crop per validation case, loaded once: list of (C, *roi) tensors."""
-    transform = Compose([deterministic_transforms(cfg.roi), CenterSpatialCropd(keys="image", roi_size=list(cfg.roi))])
-    return [transform(case)["image"] for case in cases]
+    crop = CenterSpatialCropd(keys="image", roi_size=list(cfg.roi))
+    return [crop(volume)["image"] for volume in validation_volumes(cases, cfg)]

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from bsf.config import RunConfig
-from bsf.data.pipeline import SampleStream, StepSampler, load_cases, seed_for, train_loader, validation_crops
+from bsf.data.pipeline import SampleStream, StepSampler, load_cases, seed_for, train_loader
 from bsf.engine.schedule import warmup_cosine
 from bsf.engine.tasks import build_task
 from bsf.errors import CheckpointError
@@ -65,7 +65,7 @@ class Engine:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            self.task.parameter_groups(self.model),
             lr=config.optim.lr,
             weight_decay=config.optim.weight_decay,
             fused=self.device.type == "cuda",
@@ -75,9 +75,9 @@ class Engine:
         self.step = 0
         self.best: dict[str, Any] | None = None
         self.split = load_cases(config.data, config.seed)
-        self.stream = SampleStream(self.split.train, config.data, config.seed)
+        self.stream = SampleStream(self.split.train, config.data, config.seed, self.task.random_transforms(), self.task.label_transform)
         self._batches: Iterator[dict[str, torch.Tensor]] | None = None
-        self._val_crops: list[torch.Tensor] | None = None
+        self._val_items: list | None = None
         log.info("engine: %d training and %d validation cases, device %s", len(self.split.train), len(self.split.val), self.device)
 
     @property
@@ -92,11 +92,12 @@ class Engine:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _next_micro_batch(self) -> torch.Tensor:
+    def _next_micro_batch(self) -> dict[str, torch.Tensor]:
+        """``{"image": (N, C, *roi)[, "label": (N, K, *roi)]}`` on the device."""
         if self._batches is None:
             sampler = StepSampler(self.step, self.config.data.batch_size, self.config.optim.accumulate, self.rank, self.world_size)
             self._batches = iter(train_loader(self.stream, sampler, self.config.data.num_workers))
-        return next(self._batches)["image"].to(self.device, non_blocking=True)
+        return {k: v.to(self.device, non_blocking=True) for k, v in next(self._batches).items() if isinstance(v, torch.Tensor)}
 
     def train_steps(self, n: int) -> list[dict[str, float]]:
         """Run ``n`` optimiser steps. Returns one record per step: ``step``, ``loss``, the loss parts, ``lr``.
@@ -112,14 +113,14 @@ class Engine:
             self.optimizer.zero_grad(set_to_none=True)
             totals: dict[str, torch.Tensor] = {}
             for a in range(accumulate):
-                images = self._next_micro_batch()
+                batch = self._next_micro_batch()
                 generator = torch.Generator(self.device).manual_seed(
                     seed_for(self.config.seed, _TRAIN_STREAM, self.step, self.rank * accumulate + a)
                 )
                 sync = nullcontext() if a == accumulate - 1 or self.world_size == 1 else self.train_model.no_sync()
                 with sync:
                     with self._autocast():
-                        loss, parts = self.task.loss(self.train_model, images, generator)
+                        loss, parts = self.task.loss(self.train_model, batch, generator)
                     self.scaler.scale(loss / accumulate).backward()
                 for name, value in {"loss": loss, **parts}.items():
                     totals[name] = totals.get(name, 0.0) + value.detach().float() / accumulate
@@ -142,29 +143,20 @@ class Engine:
         return {k: float(v) for k, v in zip(values, stacked.tolist())}
 
     # ---------------------------------------------------------------- validation
-    def validation_inputs(self) -> list[torch.Tensor]:
-        """One centre crop per validation case, (C, *roi) each, loaded on first use."""
-        if self._val_crops is None:
-            self._val_crops = validation_crops(self.split.val, self.config.data)
-        return self._val_crops
+    def validation_inputs(self) -> list:
+        """The task's validation items (SSL: one centre crop per case; fine-tuning: whole volumes), loaded once."""
+        if self._val_items is None:
+            self._val_items = self.task.validation_items(self.split.val)
+        return self._val_items
 
     def validate(self) -> dict[str, float]:
-        """Metrics on one centre crop per validation case (fixed corruption seed), averaged over cases."""
+        """The task's validation metrics on the validation cases (fixed seed), averaged over cases."""
         if not self.split.val:
             return {}
-        crops = self.validation_inputs()
         generator = torch.Generator(self.device).manual_seed(seed_for(self.config.seed, _VAL_STREAM))
-        per_batch = self.config.data.batch_size * self.config.data.crops_per_volume
         self.model.eval()
-        sums: dict[str, float] = {}
-        for first in range(0, len(crops), per_batch):
-            chunk = crops[first : first + per_batch]
-            images = torch.stack(chunk).to(self.device)
-            with self._autocast():
-                metrics = self.task.validate(self.model, images, generator)
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value * len(chunk)
-        return {name: total / len(crops) for name, total in sums.items()}
+        with self._autocast():
+            return self.task.validate(self.model, self.validation_inputs(), generator, self.device)
 
     def is_better(self, metrics: Mapping[str, float]) -> bool:
         """Record ``metrics`` as the best so far when its selection metric improves; return whether it did."""

@@ -1,27 +1,53 @@
-"""What a training step computes for each stage. The engine is generic; a task knows its model and loss."""
+"""What a training step computes for each stage. The engine is generic; a task knows its model, data and loss."""
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+from typing import Any, Mapping, Protocol
 
 import torch
+from monai.transforms import Compose, RandSpatialCropSamplesd, Transform
 from torch import nn
 
 from bsf.config import RunConfig
+from bsf.data.index import MODALITIES
+from bsf.data.pipeline import validation_crops
 from bsf.model import SSLModel
+from bsf.model.pretrained import load_pretrained_encoder
 from bsf.ssl import CorruptionConfig, SSLLoss, make_ssl_views
+
+log = logging.getLogger(__name__)
 
 
 class Task(Protocol):
     #: name of the validation metric that selects the best checkpoint, and whether lower is better
     best_metric: str
     lower_is_better: bool
+    #: converts a case's label right after loading (None: the task uses images only)
+    label_transform: Transform | None
 
     def build_model(self) -> nn.Module: ...
 
-    def loss(self, model: nn.Module, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]: ...
 
-    def validate(self, model: nn.Module, images: torch.Tensor, generator: torch.Generator) -> dict[str, float]: ...
+    def random_transforms(self) -> Compose: ...
+
+    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def validation_items(self, cases: list[dict[str, Any]]) -> list[Any]: ...
+
+    def validate(self, model: nn.Module, items: list[Any], generator: torch.Generator, device: torch.device) -> dict[str, float]: ...
+
+
+def input_modalities(config: RunConfig) -> list[str]:
+    """The model's input channels by modality name: ``data.modalities`` or the data set's full set."""
+    return list(config.data.modalities) or MODALITIES[config.data.dataset]
+
+
+def load_pretrained_if_configured(model: nn.Module, config: RunConfig) -> None:
+    """Load ``model.pretrained``'s encoder into ``model``, adapting channels by modality name (seeded)."""
+    if config.model.pretrained:
+        load_pretrained_encoder(model, config.model.pretrained, config.model.pretrained_modalities, input_modalities(config), seed=config.seed)
 
 
 class SSLTask:
@@ -29,6 +55,7 @@ class SSLTask:
 
     best_metric = "val_reconstruction_l1"
     lower_is_better = True
+    label_transform = None
 
     def __init__(self, config: RunConfig):
         self.config = config
@@ -44,24 +71,50 @@ class SSLTask:
         )
 
     def build_model(self) -> nn.Module:
-        return SSLModel(self.config.model.size, self.config.model.in_channels, use_checkpoint=self.config.model.use_checkpoint)
+        model = SSLModel(self.config.model.size, self.config.model.in_channels, use_checkpoint=self.config.model.use_checkpoint)
+        load_pretrained_if_configured(model, self.config)
+        return model
 
-    def loss(self, model: nn.Module, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``images``: (N, C, *roi) crops -> total loss and its unweighted parts."""
-        views = make_ssl_views(images, generator, self.corruption)
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": list(model.parameters())}]
+
+    def random_transforms(self) -> Compose:
+        data = self.config.data
+        return Compose([RandSpatialCropSamplesd(keys="image", roi_size=list(data.roi), num_samples=data.crops_per_volume, random_size=False)])
+
+    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``batch["image"]``: (N, C, *roi) crops -> total loss and its unweighted parts."""
+        views = make_ssl_views(batch["image"], generator, self.corruption)
         out = model(views.inputs)
         return self.criterion(out.rotation_logits, views.rotation_labels, out.contrastive, out.reconstruction, views.targets)
 
+    def validation_items(self, cases: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """One centre crop (C, *roi) per validation case."""
+        return validation_crops(cases, self.config.data)
+
     @torch.no_grad()
-    def validate(self, model: nn.Module, images: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
-        """``images``: (N, C, *roi) validation crops -> ``val_loss`` and ``val_<part>`` (reconstruction L1 selects the best)."""
-        total, parts = self.loss(model, images, generator)
-        metrics = {"val_loss": float(total)}
-        metrics.update({f"val_{name}": float(value) for name, value in parts.items()})
-        metrics["val_reconstruction_l1"] = metrics.pop("val_reconstruction")
-        return metrics
+    def validate(self, model: nn.Module, items: list[torch.Tensor], generator: torch.Generator, device: torch.device) -> dict[str, float]:
+        """Loss parts on the crops in batches (fixed corruption seed), averaged; reconstruction L1 selects the best.
+
+        ``val_contrastive`` is left out when a batch holds a single crop (NT-Xent has no negatives then).
+        """
+        per_batch = max(2, self.config.data.batch_size * self.config.data.crops_per_volume)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for first in range(0, len(items), per_batch):
+            chunk = items[first : first + per_batch]
+            total, parts = self.loss(model, {"image": torch.stack(chunk).to(device)}, generator)
+            metrics = {"val_loss": float(total), "val_rotation": float(parts["rotation"]), "val_reconstruction_l1": float(parts["reconstruction"])}
+            if len(chunk) > 1:
+                metrics["val_contrastive"] = float(parts["contrastive"])
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value * len(chunk)
+                counts[name] = counts.get(name, 0) + len(chunk)
+        return {name: sums[name] / counts[name] for name in sums}
 
 
 def build_task(config: RunConfig) -> Task:
-    tasks = {"ssl": SSLTask}
+    from bsf.engine.segmentation import SegmentationTask
+
+    tasks = {"ssl": SSLTask, "finetune": SegmentationTask}
     return tasks[config.stage](config)

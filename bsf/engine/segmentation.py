@@ -1,0 +1,145 @@
+"""Stage 3: fine-tune a SwinUNETR (pretrained encoder + new decoder) on BraTS tumours or ATLAS stroke lesions."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Hashable, Mapping
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceLoss
+from monai.transforms import Compose, MapTransform, RandFlipd, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd, RandSpatialCropSamplesd
+from torch import nn
+
+from bsf.config import RunConfig
+from bsf.data.pipeline import validation_volumes
+from bsf.errors import DataError
+from bsf.metrics import BRATS_REGIONS, brats_dice, brats_regions, dice_score
+from bsf.model import build_swin_unetr
+
+log = logging.getLogger(__name__)
+
+
+class LabelsToRegionsd(MapTransform):
+    """BraTS label map (1, X, Y, Z) -> overlapping regions (3, X, Y, Z) TC, WT, ET; ATLAS mask -> (1, X, Y, Z) {0, 1}.
+
+    BraTS: ``et_label`` 4 (2021) or 3 (2023+). With ``detect`` a case whose labels only fit the
+    other convention switches it, with a warning; otherwise unexpected values raise
+    :class:`DataError` naming the file.
+    """
+
+    def __init__(self, dataset: str, et_label: int = 4, detect: bool = True, keys: Hashable = "label"):
+        super().__init__(keys)
+        self.dataset, self.et_label, self.detect = dataset, et_label, detect
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            label = np.asarray(out[key])
+            values = set(np.unique(label).astype(int).tolist())
+            source = getattr(out[key], "meta", {}).get("filename_or_obj", key)
+            if self.dataset == "atlas":
+                if not values <= {0, 1}:
+                    raise DataError(f"{source}: lesion mask has values {sorted(values - {0, 1})}; expected 0/1")
+                out[key] = _like(out[key], torch.as_tensor(label > 0, dtype=torch.float32).reshape(1, *label.shape[-3:]))
+                continue
+            if self.detect and self.et_label == 4 and 3 in values and 4 not in values:
+                log.warning("%s: labels %s look like BraTS 2023+ (enhancing tumour = 3); using et_label=3", source, sorted(values))
+                self.et_label = 3
+            try:
+                regions = brats_regions(label.reshape(label.shape[-3:]), et_label=self.et_label)
+            except DataError as exc:
+                raise DataError(f"{source}: {exc}") from None
+            out[key] = _like(out[key], torch.as_tensor(regions, dtype=torch.float32))
+        return out
+
+
+def _like(original: Any, converted: torch.Tensor) -> torch.Tensor:
+    """``converted`` carrying ``original``'s affine and metadata when it is a MONAI MetaTensor."""
+    if isinstance(original, MetaTensor):
+        return MetaTensor(converted, meta=original.meta)
+    return converted
+
+
+class SegmentationTask:
+    """Dice loss on sigmoid outputs; validation by sliding-window inference on whole volumes."""
+
+    best_metric = "val_dice_mean"
+    lower_is_better = False
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.dataset = config.data.dataset
+        self.criterion = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5)
+        et = {"brats2023": 3}.get(config.finetune.label_format, 4)
+        self.label_transform = LabelsToRegionsd(self.dataset, et_label=et, detect=config.finetune.label_format == "auto")
+        self.region_names = list(BRATS_REGIONS) if self.dataset == "brats" else ["lesion"]
+
+    def build_model(self) -> nn.Module:
+        from bsf.engine.tasks import load_pretrained_if_configured
+
+        m = self.config.model
+        model = build_swin_unetr(m.size, m.in_channels, m.out_channels, dropout=m.dropout, use_checkpoint=m.use_checkpoint)
+        load_pretrained_if_configured(model, self.config)
+        if self.config.finetune.freeze_encoder:
+            for parameter in model.swinViT.parameters():
+                parameter.requires_grad_(False)
+        return model
+
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Encoder and decoder as two AdamW groups; the encoder's lr is scaled by ``finetune.encoder_lr_scale``."""
+        lr = self.config.optim.lr
+        encoder = [p for n, p in model.named_parameters() if n.startswith("swinViT.") and p.requires_grad]
+        decoder = [p for n, p in model.named_parameters() if not n.startswith("swinViT.") and p.requires_grad]
+        groups = [{"params": decoder, "lr": lr}]
+        if encoder:
+            groups.append({"params": encoder, "lr": lr * self.config.finetune.encoder_lr_scale})
+        return groups
+
+    def random_transforms(self) -> Compose:
+        """Random crops of ``data.roi`` (several per volume), flips, rotations and intensity jitter on image and label."""
+        keys = ["image", "label"]
+        return Compose(
+            [
+                RandSpatialCropSamplesd(keys=keys, roi_size=list(self.config.data.roi), num_samples=self.config.data.crops_per_volume, random_size=False),
+                RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+                RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+                RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
+                RandRotate90d(keys=keys, prob=0.25 if self.dataset == "atlas" else 0.0, spatial_axes=(0, 1)),
+                RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
+                RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
+            ]
+        )
+
+    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``batch["image"]`` (N, C, *roi), ``batch["label"]`` (N, K, *roi) -> Dice loss."""
+        loss = self.criterion(model(batch["image"]), batch["label"])
+        return loss, {"dice_loss": loss.detach()}
+
+    def validation_items(self, cases: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        """Whole preprocessed volumes: ``{"image": (C, X, Y, Z), "label": (K, X, Y, Z)}`` per validation case."""
+        return validation_volumes(cases, self.config.data, self.label_transform)
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, items: list[Mapping[str, torch.Tensor]], generator: torch.Generator, device: torch.device) -> dict[str, float]:
+        """Whole-volume sliding-window inference (overlap ``finetune.sw_overlap``), threshold, Dice per region and mean."""
+        per_case = [self._case_dice(model, item, device) for item in items]
+        return {f"val_dice_{name}": float(np.mean([d[name] for d in per_case])) for name in per_case[0]}
+
+    def _case_dice(self, model: nn.Module, item: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+        probabilities = self.predict(model, item["image"].unsqueeze(0).to(device))[0]
+        prediction = (probabilities > self.config.finetune.threshold).cpu().numpy()
+        truth = item["label"].numpy() > 0.5
+        if self.dataset == "brats":
+            scores = brats_dice(prediction, truth)
+            return {name.lower(): value for name, value in scores.items()}
+        dice = dice_score(prediction[0], truth[0])
+        return {"lesion": dice, "mean": dice}
+
+    def predict(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """(1, C, X, Y, Z) -> sigmoid probabilities (1, K, X, Y, Z) by sliding windows of ``data.roi``."""
+        f = self.config.finetune
+        logits = sliding_window_inference(image, list(self.config.data.roi), f.sw_batch_size, model, overlap=f.sw_overlap, mode="gaussian")
+        return torch.sigmoid(logits)

@@ -1,0 +1,80 @@
+"""Stage 2/3 set-up: pretrained encoders carried across stages, label conventions, fine-tuning learns."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from bsf.config import load_config
+from bsf.engine import build_model
+from bsf.engine.segmentation import LabelsToRegionsd
+from bsf.errors import CheckpointError, DataError
+from bsf.model import SSLModel, save_encoder
+
+
+@pytest.fixture(scope="module")
+def stage1_encoder(tmp_path_factory):
+    """A Stage-1 (T1w, FLAIR) SSL model with non-trivial weights, and its exported encoder."""
+    torch.manual_seed(7)
+    model = SSLModel("test", 2)
+    path = tmp_path_factory.mktemp("enc") / "stage1_encoder.pt"
+    save_encoder(model, path)
+    return model, path
+
+
+def test_stage3_brats_model_starts_from_the_stage1_encoder_by_modality(stage1_encoder, tmp_path):
+    source, path = stage1_encoder
+    config = load_config("stage3_brats_test", [f"model.pretrained={path}", f"train.output_dir={tmp_path}"])
+    model = build_model(config)
+    src, dst = source.state_dict(), model.state_dict()
+    embed = "swinViT.patch_embed.proj.weight"
+    # Stage 1 channels (t1, flair) -> BraTS channels (flair, t1ce, t1, t2)
+    assert torch.equal(dst[embed][:, 0], src[embed][:, 1])  # FLAIR
+    assert torch.equal(dst[embed][:, 2], src[embed][:, 0])  # T1
+    assert not torch.equal(dst[embed][:, 1], torch.zeros_like(dst[embed][:, 1]))  # T1ce: Kaiming, not zero
+    for key in src:
+        if key.startswith("swinViT.") and key != embed:
+            assert torch.equal(dst[key], src[key]), key
+    # deterministic: every site / process builds the same starting model
+    again = build_model(config).state_dict()
+    assert all(torch.equal(again[k], dst[k]) for k in dst)
+
+
+def test_missing_or_incompatible_previous_model_is_a_clear_error(stage1_encoder, tmp_path):
+    missing = load_config("stage3_brats_test", [f"model.pretrained={tmp_path / 'nope.pt'}"])
+    with pytest.raises(CheckpointError, match="nope.pt"):
+        build_model(missing)
+    _, path = stage1_encoder
+    wrong_size = load_config("stage3_brats_test", [f"model.pretrained={path}", "model.size=tiny"])
+    with pytest.raises(CheckpointError, match="swinViT"):
+        build_model(wrong_size)
+
+
+def _label_case(values: list[int]) -> dict:
+    label = np.zeros((1, 4, 4, 4), dtype=np.uint8)
+    label.flat[: len(values)] = values
+    return {"label": label}
+
+
+def test_brats_labels_become_tc_wt_et_regions():
+    regions = LabelsToRegionsd("brats")(_label_case([1, 2, 4]))["label"]
+    assert regions.shape == (3, 4, 4, 4)
+    tc, wt, et = (regions[i].flatten()[:3].tolist() for i in range(3))
+    assert tc == [1, 0, 1] and wt == [1, 1, 1] and et == [0, 0, 1]
+
+
+def test_brats_2023_labels_are_detected_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        regions = LabelsToRegionsd("brats")(_label_case([1, 2, 3]))["label"]
+    assert "2023" in caplog.text
+    assert regions[2].flatten()[:3].tolist() == [0, 0, 1]
+    with pytest.raises(DataError, match="label"):
+        LabelsToRegionsd("brats", et_label=4, detect=False)(_label_case([1, 2, 3]))
+
+
+def test_atlas_mask_with_other_values_is_refused():
+    with pytest.raises(DataError, match="0/1"):
+        LabelsToRegionsd("atlas")(_label_case([1, 2]))
