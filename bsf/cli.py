@@ -62,6 +62,80 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
     print(f"wrote {len(folders)} {args.dataset} subject(s) to {out} (spacing {args.spacing} mm, seed {args.seed})")
 
 
+def cmd_data_index(args: argparse.Namespace) -> None:
+    from bsf.data.index import index_dataset
+    from bsf.io import atomic_write_json
+
+    result = index_dataset(
+        args.dataset,
+        args.root,
+        min_slices=args.min_slices,
+        val_count=args.val_count,
+        seed=args.seed,
+        fold=args.fold,
+        folds_file=args.folds_file,
+        workers=args.workers,
+    )
+    for note in result.notes:
+        print(f"note: {note}")
+    atomic_write_json(result.datalist, args.out)
+    datalist = result.datalist
+    if "validation" in datalist:
+        folds = f" (fold {args.fold})" if args.fold is not None else ""
+        split = f"{len(datalist['training'])} training and {len(datalist['validation'])} validation{folds}"
+    else:
+        split = f"{len(datalist['training'])} training (no validation list: pick a fold with --fold K or data.fold)"
+    print(f"wrote {args.out}: {split} {args.dataset} case(s), paths relative to {args.root}")
+
+
+def cmd_data_check(args: argparse.Namespace) -> None:
+    from bsf.data.check import check_cases
+    from bsf.data.index import read_datalist, without
+    from bsf.io import atomic_write_json
+
+    listing = read_datalist(args.datalist, args.root)
+    labels = [int(v) for v in args.labels.split(",")] if args.labels else listing.content.get("labels")
+    cases = listing.all_cases
+    report = check_cases(
+        cases,
+        listing.base,
+        data=not args.headers_only,
+        workers=args.workers,
+        progress=not args.no_progress,
+        dataset=listing.dataset,
+        labels=labels,
+    )
+    if report.problems:
+        print(report.table(listing.base))
+    print(report.summary())
+    if args.json:
+        atomic_write_json(report.to_dict(), args.json)
+    if args.write_clean:
+        broken = {_case_id(cases[i]) for i in report.broken}
+        clean = without(listing.content, broken, "failed `bsf data check`")
+        if "root" not in clean:
+            clean["root"] = str(listing.base.resolve())
+        atomic_write_json(clean, args.write_clean)
+        print(f"wrote {args.write_clean} without {len(broken)} broken case(s)")
+    if not report.ok:
+        raise BSFError(f"{len(report.broken)} of {len(cases)} case(s) in {args.datalist} are broken (table above)")
+
+
+def _case_id(case: dict) -> str:
+    from bsf.data.index import case_id
+
+    return case_id(case)
+
+
+def cmd_site_check(args: argparse.Namespace) -> None:
+    from bsf.data.sites import check_site
+
+    report = check_site(args.site_config, overrides=args.overrides, site=args.site, config=args.config, full=args.full, workers=args.workers)
+    print(report.text())
+    if not report.ok:
+        raise BSFError(f"site config {args.site_config}: {report.failure()}")
+
+
 def _output_folder(path: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -109,7 +183,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from bsf.demo import run_demo
 
-    run_demo(Path(args.out), subjects=args.subjects, steps=args.steps)
+    run_demo(Path(args.out), subjects=args.subjects, steps=args.steps, sites=args.sites)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +213,39 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
 
+    index = data.add_parser("index", help="find a data set's cases in its distributed layout and write a datalist JSON")
+    index.add_argument("--dataset", required=True, choices=["ukb", "brats", "atlas"])
+    index.add_argument("--root", required=True, help="the data set's folder (paths in the datalist are relative to it)")
+    index.add_argument("--out", required=True, help="datalist JSON to write")
+    index.add_argument("--min-slices", type=int, default=100, help="UKB: keep subjects whose T1w and FLAIR have at least this many slices")
+    index.add_argument("--val-count", type=int, default=None, help="UKB/ATLAS: size of the seeded held-out validation set (default 100)")
+    index.add_argument("--seed", type=int, default=0, help="seed of the held-out set")
+    index.add_argument("--fold", type=int, default=None, help="BraTS: fold K becomes validation, the other folds training")
+    index.add_argument("--folds-file", default=None, help="BraTS: another fold file (MONAI datalist with 'fold' keys)")
+    index.add_argument("--workers", type=int, default=4, help="threads reading headers")
+    index.set_defaults(func=cmd_data_index)
+
+    check = data.add_parser("check", help="check every file of a datalist (headers, then voxels) and print a table of problems")
+    check.add_argument("--datalist", required=True)
+    check.add_argument("--root", default=None, help="folder the datalist's paths are relative to (default: its 'root', else its folder)")
+    check.add_argument("--workers", type=int, default=4, help="threads")
+    check.add_argument("--headers-only", action="store_true", help="skip decoding the voxels")
+    check.add_argument("--labels", default=None, help="allowed label values, e.g. 0,1,2,4 (default: from the data set and case names)")
+    check.add_argument("--write-clean", default=None, metavar="OUT", help="write a datalist without the broken cases")
+    check.add_argument("--json", default=None, metavar="OUT", help="write the problems as JSON")
+    check.add_argument("--no-progress", action="store_true")
+    check.set_defaults(func=cmd_data_check)
+
+    site = sub.add_parser("site", help="site configuration").add_subparsers(dest="site_command", required=True)
+    site_check = site.add_parser("check", help="validate a site YAML (keys, paths) and check its data's headers")
+    site_check.add_argument("site_config", help="e.g. sites/brats.yaml, or a site map with --site")
+    site_check.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides, e.g. data.root=/mnt/brats")
+    site_check.add_argument("--site", default="site-1", help="site name to pick from a site map")
+    site_check.add_argument("--config", default=None, help="job config (YAML or preset) the site joins; checks channels")
+    site_check.add_argument("--full", action="store_true", help="also decode every voxel")
+    site_check.add_argument("--workers", type=int, default=4)
+    site_check.set_defaults(func=cmd_site_check)
+
     train = sub.add_parser("train", help="centralized training (one process; torchrun -m bsf.train for several)")
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
@@ -156,10 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.set_defaults(func=cmd_export)
 
-    demo = sub.add_parser("demo", help="synthesise a small UKB-like set and run Stage 1 SSL on CPU")
+    demo = sub.add_parser("demo", help="Stage 1 SSL on synthetic brains on CPU: centrally, then as a federation")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--subjects", type=int, default=4)
     demo.add_argument("--steps", type=int, default=60)
+    demo.add_argument("--sites", type=int, default=2, help="simulated sites for the federated part (0 skips it)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

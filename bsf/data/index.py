@@ -1,0 +1,300 @@
+"""Datalists: index a data set's folder into a MONAI-style datalist JSON, and read one back.
+
+A datalist written here looks like::
+
+    {
+      "dataset": "brats",                     # ukb | brats | atlas
+      "root": "/data/BraTS2021",              # where the relative paths point (informational default)
+      "modalities": ["flair", "t1ce", "t1", "t2"],   # names of the "image" files, in channel order
+      "labels": [0, 1, 2, 4],                 # allowed label values (BraTS 2021; 2023+ use 3 for ET)
+      "training":   [{"id": ..., "image": [...], "label": ..., "fold": 0}, ...],
+      "validation": [...],                    # ATLAS/UKB: seeded held-out set; BraTS: fold K with --fold K
+      "index": {...}                          # what the indexer did: rule, counts, skipped cases
+    }
+
+MONAI's ``load_decathlon_datalist`` reads it as is (extra keys are ignored). Paths are relative to the root.
+
+Rules (from the paper): UKB keeps subjects with both T1w and FLAIR of at least ``min_slices`` (100)
+slices each, read from the NIfTI headers only; BraTS assigns the official 5-fold split
+(:mod:`bsf.data.folds`); ATLAS holds out a seeded validation set of 100 subjects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from bsf.data.folds import load_folds
+from bsf.data.layouts import find_atlas_subjects, find_brats_cases, find_ukb_subjects
+from bsf.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Case = dict[str, Any]
+
+FINDERS = {"ukb": find_ukb_subjects, "brats": find_brats_cases, "atlas": find_atlas_subjects}
+#: channel names of the "image" files, in the order the layouts list them
+MODALITIES = {"ukb": ["t1", "flair"], "brats": ["flair", "t1ce", "t1", "t2"], "atlas": ["t1"]}
+BRATS21_LABELS = [0, 1, 2, 4]
+BRATS23_LABELS = [0, 1, 2, 3]
+ATLAS_LABELS = [0, 1]
+UKB_MIN_SLICES = 100
+DEFAULT_VAL_COUNT = {"ukb": 100, "atlas": 100}
+
+
+@dataclass
+class IndexResult:
+    datalist: dict[str, Any]
+    notes: list[str] = field(default_factory=list)  # human-readable lines about what was left out and why
+
+
+def case_id(case: Case) -> str:
+    """A case's id: its ``id`` key, else the folder of its first image file."""
+    if case.get("id"):
+        return str(case["id"])
+    image = case.get("image")
+    first = image[0] if isinstance(image, list) and image else image
+    return Path(str(first)).parent.name or str(first)
+
+
+def _files(case: Case) -> list[str]:
+    image = case["image"]
+    return list(image) if isinstance(image, list) else [image]
+
+
+def count_slices(path: Path) -> int:
+    """Number of slices along the third voxel axis, from the header alone (0 for a 2-D image)."""
+    try:
+        shape = nib.load(path).shape
+    except Exception as exc:  # noqa: BLE001 - any reader failure is reported with the file's name
+        raise DataError(f"{path}: cannot read NIfTI header ({type(exc).__name__}: {exc})") from None
+    return int(shape[2]) if len(shape) >= 3 else 0
+
+
+def _ukb_rule(cases: list[Case], root: Path, min_slices: int, workers: int) -> tuple[list[Case], list[str]]:
+    """Keep subjects whose T1w and FLAIR both have >= ``min_slices`` slices; notes for the others."""
+
+    def slices(case: Case) -> list[int | str]:
+        out: list[int | str] = []
+        for rel in _files(case):
+            try:
+                out.append(count_slices(root / rel))
+            except DataError as exc:
+                out.append(str(exc))
+        return out
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        counts = list(pool.map(slices, cases))
+    kept, notes = [], []
+    for case, per_file in zip(cases, counts):
+        bad = [f"{rel} ({n if isinstance(n, int) else n})" for rel, n in zip(_files(case), per_file) if not isinstance(n, int) or n < min_slices]
+        if bad:
+            notes.append(f"{case['id']}: left out, fewer than {min_slices} slices or unreadable: {', '.join(bad)}")
+        else:
+            kept.append(case)
+    return kept, notes
+
+
+def held_out(cases: list[Case], count: int, seed: int) -> tuple[list[Case], list[Case], int]:
+    """Seeded split into (training, validation); validation has ``count`` cases, or at most half of them."""
+    n_val = min(count, len(cases) // 2)
+    order = np.random.default_rng(seed).permutation(len(cases))
+    val_idx = set(order[:n_val].tolist())
+    return [c for i, c in enumerate(cases) if i not in val_idx], [c for i, c in enumerate(cases) if i in val_idx], n_val
+
+
+def _fold_of_unlisted(case: str, n_folds: int) -> int:
+    """A stable fold for a case the split does not list (crc32 of its id)."""
+    return zlib.crc32(case.encode()) % n_folds
+
+
+def _brats_labels(cases: list[Case]) -> list[int]:
+    return BRATS23_LABELS if cases and cases[0]["id"].startswith("BraTS-") else BRATS21_LABELS
+
+
+def index_dataset(
+    dataset: str,
+    root: str | Path,
+    *,
+    min_slices: int = UKB_MIN_SLICES,
+    val_count: int | None = None,
+    seed: int = 0,
+    fold: int | None = None,
+    folds_file: str | Path | None = None,
+    workers: int = 4,
+) -> IndexResult:
+    """Find ``dataset``'s cases under ``root`` and build its datalist (see the module docstring).
+
+    ``val_count``: size of the seeded held-out validation set (UKB, ATLAS; default 100, reduced to half the
+    cases when there are fewer). BraTS: every case gets ``fold``; with ``fold=K`` training is the other folds
+    and validation fold K. Cases on disk but not in the split get a stable fold from their id and are noted.
+    """
+    if dataset not in FINDERS:
+        raise DataError(f"unknown data set {dataset!r}: choose one of {', '.join(FINDERS)}")
+    root = Path(root)
+    cases = FINDERS[dataset](root)
+    notes: list[str] = []
+    info: dict[str, Any] = {"found": len(cases)}
+    datalist: dict[str, Any] = {"dataset": dataset, "root": str(root.resolve()), "modalities": MODALITIES[dataset]}
+    if dataset == "ukb":
+        cases, rule_notes = _ukb_rule(cases, root, min_slices, workers)
+        notes += rule_notes
+        info.update(rule=f"T1w and FLAIR present, >= {min_slices} slices each (third axis, from headers)", left_out=len(rule_notes))
+        if not cases:
+            raise DataError(f"{root}: no UK Biobank subject has T1w and FLAIR with >= {min_slices} slices")
+    if dataset in ("ukb", "atlas"):
+        if dataset == "atlas":
+            datalist["labels"] = ATLAS_LABELS
+        wanted = DEFAULT_VAL_COUNT[dataset] if val_count is None else val_count
+        training, validation, n_val = held_out(cases, wanted, seed)
+        if n_val < wanted:
+            notes.append(f"validation: {n_val} case(s) held out instead of {wanted} (only {len(cases)} cases)")
+        info.update(validation=f"seeded held-out set of {n_val} (seed {seed})")
+        datalist.update(training=training, validation=validation)
+    else:
+        datalist["labels"] = _brats_labels(cases)
+        training, validation, fold_info, fold_notes = _brats_folds(cases, fold, folds_file)
+        notes += fold_notes
+        datalist["folds"] = fold_info
+        datalist["training"] = training
+        if validation is not None:
+            datalist["validation"] = validation
+    info.update(training=len(datalist["training"]), validation=len(datalist.get("validation", [])))
+    datalist["index"] = info
+    return IndexResult(datalist, notes)
+
+
+def _brats_folds(
+    cases: list[Case], fold: int | None, folds_file: str | Path | None
+) -> tuple[list[Case], list[Case] | None, dict[str, Any], list[str]]:
+    table = load_folds(folds_file)
+    n_folds = max(table.values()) + 1
+    if fold is not None and not 0 <= fold < n_folds:
+        raise DataError(f"--fold {fold}: the split has folds 0..{n_folds - 1}")
+    on_disk = {c["id"] for c in cases}
+    unlisted = sorted(on_disk - set(table))
+    absent = sorted(set(table) - on_disk)
+    out = []
+    for case in cases:
+        out.append({**case, "fold": table.get(case["id"], _fold_of_unlisted(case["id"], n_folds))})
+    notes = []
+    if unlisted:
+        notes.append(
+            f"{len(unlisted)} case(s) on disk are not in the split and got a fold from their id: "
+            + ", ".join(unlisted[:10]) + (" ..." if len(unlisted) > 10 else "")
+        )
+    if absent:
+        notes.append(
+            f"{len(absent)} case(s) of the split are not on disk: " + ", ".join(absent[:10]) + (" ..." if len(absent) > 10 else "")
+        )
+    info = {
+        "source": str(folds_file) if folds_file else "BraTS 2021 5-fold split (SwinUNETR / BrainSegFounder), shipped table",
+        "n_folds": n_folds,
+        "fold": fold,
+        "per_fold": [sum(c["fold"] == k for c in out) for k in range(n_folds)],
+        "not_in_split": unlisted,
+        "missing_from_disk": len(absent),
+    }
+    if fold is None:
+        return out, None, info, notes
+    return [c for c in out if c["fold"] != fold], [c for c in out if c["fold"] == fold], info, notes
+
+
+# ------------------------------------------------------------------------------------------- reading
+@dataclass
+class Datalist:
+    """A datalist file read back: its content, the folder its relative paths resolve against, and its cases."""
+
+    path: Path
+    base: Path
+    content: dict[str, Any]
+    training: list[Case]
+    validation: list[Case] | None
+
+    @property
+    def dataset(self) -> str | None:
+        return self.content.get("dataset")
+
+    @property
+    def all_cases(self) -> list[Case]:
+        return self.training + (self.validation or [])
+
+
+def read_datalist(path: str | Path, root: str | Path | None = None) -> Datalist:
+    """Read a datalist JSON. Relative paths resolve against ``root``, else the file's ``"root"``, else its folder.
+
+    Raises :class:`DataError` naming the file for a missing/unreadable/invalid file, an empty ``training``
+    list, or an entry without ``image``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"datalist {path}: no such file")
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"datalist {path}: cannot read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"datalist {path}: not valid JSON ({exc})") from None
+    if not isinstance(content, dict):
+        raise DataError(f"datalist {path}: top level must be a JSON object with a 'training' list")
+    if root:
+        base = Path(root)
+    elif content.get("root") and Path(content["root"]).is_dir():
+        base = Path(content["root"])
+    else:
+        base = path.parent
+    lists: dict[str, list[Case]] = {}
+    for key in ("training", "validation"):
+        entries = content.get(key, [])
+        if not isinstance(entries, list):
+            raise DataError(f"datalist {path}: '{key}' must be a list")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not entry.get("image"):
+                raise DataError(f"datalist {path}: {key} entry {i} has no 'image'")
+        lists[key] = entries
+    if not lists["training"]:
+        raise DataError(f"datalist {path}: no cases under 'training' (empty datalist)")
+    validation = lists["validation"] if "validation" in content else None
+    return Datalist(path, base, content, lists["training"], validation)
+
+
+def absolute(case: Case, base: Path) -> Case:
+    """A copy of ``case`` with relative ``image``/``label`` paths joined to ``base``."""
+
+    def resolve(p: str) -> str:
+        return str(p if Path(p).is_absolute() else base / p)
+
+    out = dict(case)
+    for key in ("image", "label"):
+        if key in out:
+            out[key] = [resolve(p) for p in out[key]] if isinstance(out[key], list) else resolve(out[key])
+    return out
+
+
+def select_modalities(case: Case, names: Sequence[str], available: Sequence[str], where: str) -> Case:
+    """``case`` with its image files reduced/reordered to ``names`` (channel mapping by modality name)."""
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise DataError(f"{where}: modalities {missing} not among the data set's {list(available)}")
+    files = _files(case)
+    if len(files) != len(available):
+        raise DataError(f"{where}: case {case_id(case)} has {len(files)} image files, expected {len(available)} ({list(available)})")
+    return {**case, "image": [files[available.index(n)] for n in names]}
+
+
+def without(content: dict[str, Any], broken: set[str], reason: str) -> dict[str, Any]:
+    """A copy of datalist ``content`` without the cases whose id is in ``broken``, noting what was removed."""
+    out = dict(content)
+    for key in ("training", "validation"):
+        if key in content:
+            out[key] = [c for c in content[key] if case_id(c) not in broken]
+    out["removed"] = {"reason": reason, "cases": sorted(broken)}
+    return out

@@ -1,0 +1,161 @@
+"""``bsf site check``: validate a site's YAML (the format of :mod:`bsf.fl.site`) and the data it points at.
+
+Checks, in order: the YAML's keys (strictly, through the run config), the paths (data root, datalist,
+cache folder), that the cases can be found, their channel count against the job's model, then a header
+check of every file (``full=True`` also decodes the voxels). Reports the cache size the data needs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import yaml
+
+from bsf.errors import BSFError
+
+GB = 1024**3
+
+
+@dataclass
+class SiteReport:
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    check_table: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def text(self) -> str:
+        out = list(self.lines)
+        if self.check_table:
+            out += ["", self.check_table]
+        out += [f"problem: {p}" for p in self.problems]
+        out.append("site check: OK" if self.ok else f"site check: {len(self.problems)} problem(s)")
+        return "\n".join(out)
+
+    def failure(self) -> str:
+        return f"{len(self.problems)} problem(s) (listed above)"
+
+
+def check_site(
+    path: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    site: str = "site-1",
+    config: str | None = None,
+    full: bool = False,
+    workers: int = 4,
+) -> SiteReport:
+    """Validate the site config at ``path`` (raises :class:`bsf.errors.ConfigError` on bad keys/values)."""
+    from bsf.config import load_config
+    from bsf.fl.site import ENV_SITE_CONFIG, resolve_site
+
+    path = Path(path)
+    if not path.is_file():
+        raise BSFError(f"site config {path}: no such file")
+    setup = resolve_site(site, environ={ENV_SITE_CONFIG: str(path)})
+    every = [*setup.overrides, *overrides]
+    if config is None:  # no job to compare with: let the model take the site's channel count
+        named = [yaml.safe_load(o.split("=", 1)[1]) for o in every if o.startswith("data.modalities=")]
+        if named and isinstance(named[-1], list) and named[-1]:
+            every = [f"model.in_channels={len(named[-1])}", *every]
+    cfg = load_config(config, every)
+    data = cfg.data
+    report = SiteReport([f"site config {path}: data set {data.dataset}"])
+    if setup.synthetic is not None and not any(o.startswith(("data.root=", "data.datalist=")) for o in overrides):
+        report.lines.append(f"no data.root or data.datalist: the site synthesises data ({setup.synthetic})")
+        return report
+    if data.root and not Path(data.root).is_dir():
+        report.problems.append(f"data.root {data.root}: no such folder")
+    if data.datalist and not Path(data.datalist).is_file():
+        report.problems.append(f"data.datalist {data.datalist}: no such file")
+    if not data.root and not data.datalist:
+        report.problems.append("neither data.root nor data.datalist is set")
+    _check_cache_folder(data.cache, data.cache_dir, report)
+    if report.problems:
+        return report
+    try:
+        cases, base = _site_cases(cfg)
+    except BSFError as exc:
+        report.problems.append(str(exc))
+        return report
+    report.lines.append(f"{len(cases)} case(s) from {'datalist ' + data.datalist if data.datalist else 'folder ' + data.root}")
+    channels = {len(c["image"]) if isinstance(c["image"], list) else 1 for c in cases}
+    report.lines.append(f"channels per case: {', '.join(map(str, sorted(channels)))}" + (f" ({', '.join(data.modalities)})" if data.modalities else ""))
+    if config is not None and channels != {cfg.model.in_channels}:
+        report.problems.append(f"cases have {sorted(channels)} image channel(s) but the job's model.in_channels is {cfg.model.in_channels}")
+    report.lines.append(_cache_estimate(cases, data.cache, data.cache_dir))
+    from bsf.data.check import check_cases
+
+    result = check_cases(cases, base, data=full, workers=workers, dataset=data.dataset, memo_dir=Path(data.cache_dir) if data.cache_dir else None)
+    report.lines.append(result.summary())
+    if result.problems:
+        report.check_table = result.table(base)
+    if not result.ok:
+        hint = " (or set data.skip_broken: true)" if not data.skip_broken else " (data.skip_broken is set: training leaves them out)"
+        report.problems.append(f"{len(result.broken)} broken case(s); run `bsf data check --write-clean`{hint}")
+    return report
+
+
+def _site_cases(cfg) -> tuple[list[dict], Path]:
+    from bsf.data.index import FINDERS, MODALITIES, absolute, read_datalist, select_modalities
+
+    data = cfg.data
+    if data.datalist:
+        listing = read_datalist(data.datalist, data.root or None)
+        names = listing.content.get("modalities") or MODALITIES[data.dataset]
+        cases, base, where = [absolute(c, listing.base) for c in listing.all_cases], listing.base, f"datalist {data.datalist}"
+    else:
+        base = Path(data.root)
+        cases, names, where = [absolute(c, base) for c in FINDERS[data.dataset](base)], MODALITIES[data.dataset], f"data.root {base}"
+    if data.modalities:
+        cases = [select_modalities(c, data.modalities, names, where) for c in cases]
+    if data.fold is not None:
+        from bsf.data.pipeline import fold_split
+
+        fold_split(cases, data.fold, where)
+    return cases, base
+
+
+def _check_cache_folder(cache: str, cache_dir: str, report: SiteReport) -> None:
+    if cache == "persistent" and not cache_dir:
+        report.problems.append("data.cache is persistent but data.cache_dir is not set")
+    if not cache_dir:
+        return
+    folder = Path(cache_dir)
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        report.problems.append(f"data.cache_dir {folder}: cannot be created (no folder above it)")
+    elif not _writable(existing):
+        report.problems.append(f"data.cache_dir {folder}: {existing} is not writable")
+
+
+def _writable(folder: Path) -> bool:
+    import os
+
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _cache_estimate(cases: list[dict], cache: str, cache_dir: str) -> str:
+    """Upper bound of the cache size: float32 volume of the first readable case times the number of cases."""
+    per_case = 0
+    for case in cases[:3]:
+        try:
+            files = case["image"] if isinstance(case["image"], list) else [case["image"]]
+            per_case = sum(int(np.prod(nib.load(f).shape[:3])) * 4 for f in files)
+            break
+        except Exception:  # noqa: BLE001 - the header check reports unreadable files
+            continue
+    total = per_case * len(cases)
+    text = f"cache {cache}: about {per_case / 1e6:.0f} MB a case, {total / GB:.1f} GiB for all (float32, before the foreground crop)"
+    if cache == "persistent" and cache_dir:
+        existing = next((p for p in [Path(cache_dir), *Path(cache_dir).parents] if p.exists()), None)
+        if existing is not None:
+            text += f"; {shutil.disk_usage(existing).free / GB:.0f} GiB free at {existing}"
+    return text
