@@ -179,6 +179,64 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote encoder checkpoint ({len(encoder)} tensors) to {args.out}")
 
 
+# ----------------------------------------------------- predict / evaluate / bundle
+def _finetuned(args: argparse.Namespace, overrides: Sequence[str]):
+    from bsf.predict import load_finetuned
+
+    return load_finetuned(args.model, args.config, overrides, device=args.device)
+
+
+def _split_overrides(inputs: Sequence[str], overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``key=value`` items that argparse gave to ``--input`` (they came right after it) go back to the overrides."""
+    import re
+
+    looks_like_override = re.compile(r"^[A-Za-z_]+\.[A-Za-z_.]+=")
+    moved = [item for item in inputs if looks_like_override.match(item) and not Path(item).exists()]
+    return [item for item in inputs if item not in moved], [*overrides, *moved]
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from bsf.predict import check_input_paths, label_counts, predict_to_file
+
+    inputs, overrides = _split_overrides(args.input, args.overrides)
+    check_input_paths(inputs)
+    finetuned = _finetuned(args, overrides)
+    prediction = predict_to_file(finetuned, inputs, args.output, progress=not args.no_progress)
+    counts = ", ".join(f"{label}: {n}" for label, n in label_counts(prediction.labels).items())
+    print(f"wrote {args.output}: {finetuned.dataset} label map {prediction.labels.shape} in the input's grid (voxels per label {counts})")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from bsf.evaluate import evaluate, format_table
+
+    finetuned = _finetuned(args, args.overrides)
+    result = evaluate(
+        finetuned,
+        args.datalist,
+        split=args.split,
+        root=args.root,
+        out_dir=args.out,
+        progress=not args.no_progress,
+        save_predictions=args.save_predictions,
+    )
+    print(format_table(result))
+    print(f"{result.summary['n']} {args.split} case(s); wrote {result.csv_path} and {result.json_path}")
+
+
+def cmd_bundle_export(args: argparse.Namespace) -> None:
+    from bsf.bundle import export_bundle
+
+    out = export_bundle(_finetuned(args, args.overrides), args.out)
+    print(f"wrote MONAI bundle {out}: configs/inference.json, configs/metadata.json, models/model.pt (run it: {out / 'docs' / 'README.md'})")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint_last.pt, checkpoint_best.pt or an NVFlare (best_)FL_global_model.pt")
+    parser.add_argument("--config", default=None, help="training config (YAML or preset); default: the one in/beside the model file")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. finetune.threshold=0.4")
+
+
 # ----------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> None:
     from bsf.demo import run_demo
@@ -262,6 +320,30 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help="checkpoint_best.pt, FL_global_model.pt or any supported layout")
     export.add_argument("--out", required=True)
     export.set_defaults(func=cmd_export)
+
+    predict = sub.add_parser("predict", help="segment one case with a fine-tuned model: a label map in the input's grid and affine")
+    add_model_arguments(predict)
+    predict.add_argument("--input", required=True, nargs="+", metavar="CASE_DIR_OR_FILE",
+                         help="a BraTS case folder (modalities found by suffix), an ATLAS T1w file or folder, or NIfTI files in the model's modality order")
+    predict.add_argument("--output", required=True, help="label map to write (.nii.gz)")
+    predict.add_argument("--no-progress", action="store_true")
+    predict.set_defaults(func=cmd_predict)
+
+    evaluate = sub.add_parser("evaluate", help="score a fine-tuned model on a datalist: per-case CSV, summary JSON, table")
+    add_model_arguments(evaluate)
+    evaluate.add_argument("--datalist", required=True, help="datalist JSON (`bsf data index`); cases need a label")
+    evaluate.add_argument("--split", default="validation", choices=["validation", "training", "all"])
+    evaluate.add_argument("--root", default=None, help="folder the datalist's paths are relative to (default: its 'root', else its folder)")
+    evaluate.add_argument("--out", default=None, help="output folder (default: MODEL_FOLDER/evaluate_SPLIT)")
+    evaluate.add_argument("--save-predictions", action="store_true", help="also write each case's label map to OUT/predictions/")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    bundle = sub.add_parser("bundle", help="MONAI bundles").add_subparsers(dest="bundle_command", required=True)
+    bundle_export = bundle.add_parser("export", help="write a fine-tuned model as a MONAI bundle (configs + weights)")
+    add_model_arguments(bundle_export)
+    bundle_export.add_argument("--out", required=True, help="bundle folder to write")
+    bundle_export.set_defaults(func=cmd_bundle_export)
 
     demo = sub.add_parser("demo", help="Stage 1 SSL on synthetic brains on CPU: centrally, then as a federation")
     demo.add_argument("--out", default="demo_out")

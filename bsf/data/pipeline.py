@@ -186,7 +186,7 @@ def as_data_error(exc: BaseException) -> BaseException:
 
 
 def deterministic_transforms(roi: Sequence[int], label_transform: Transform | None = None) -> Compose:
-    """Load all modalities as channels, orient to RAS, z-score the brain per channel, crop to it, pad to ``roi``.
+    """Load all modalities as channels, orient to RAS, crop to the brain, z-score it per channel, pad to ``roi``.
 
     Output ``image``: float32 tensor (C, X, Y, Z) with every side >= the ROI side. With a
     ``label_transform`` the case's ``label`` is loaded too, converted by it right after loading
@@ -198,8 +198,9 @@ def deterministic_transforms(roi: Sequence[int], label_transform: Transform | No
             CheckedLoadd(with_label=label_transform is not None),
             *([label_transform] if label_transform is not None else []),
             Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+            # crop before z-scoring: the foreground test (> 0) needs the raw, brain-extracted intensities
             CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
+            NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
             SpatialPadd(keys=keys, spatial_size=list(roi)),
             EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
             CompactImaged(keys),
@@ -224,7 +225,7 @@ class CompactImaged(Transform):
 
 
 #: bump when deterministic_transforms changes: persistent cache entries of older versions are not reused
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3
 
 
 def persistent_dataset(cases: list[Case], transform: Compose, cache_dir: str, roi: Sequence[int]) -> Dataset:

@@ -1,0 +1,234 @@
+"""``bsf evaluate``: a fine-tuned model on a datalist's cases; per-case CSV, summary JSON and a printed table.
+
+Each case goes through exactly the ``bsf predict`` route (:func:`bsf.predict.predict_case`): the label map is
+made in the input's own grid and scored there against the case's label file, as a challenge scores a
+submission. BraTS: Dice and HD95 (mm, from the header's voxel size) of the TC, WT and ET regions derived from
+both label maps, and their means. ATLAS: Dice, volume difference (mm^3), simple lesion count and lesion-wise F1
+(:mod:`bsf.metrics.lesions`). Empty regions follow the definitions in :mod:`bsf.metrics`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from bsf.data.index import MODALITIES, absolute, case_id, read_datalist, select_modalities
+from bsf.data.pipeline import fold_split
+from bsf.errors import DataError
+from bsf.io import atomic_path, atomic_write_json
+from bsf.metrics import BRATS_REGIONS, brats_dice, brats_hd95, brats_regions, lesion_metrics
+from bsf.predict import CaseInputs, FinetunedModel, check_grids, predict_case, save_label_map
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Evaluation", "evaluate", "metric_names", "format_table"]
+
+SPLITS = ("validation", "training", "all")
+
+
+def metric_names(dataset: str) -> list[str]:
+    """The CSV's metric columns (after ``case``) for a data set."""
+    if dataset == "brats":
+        return [f"dice_{r}" for r in (*BRATS_REGIONS, "mean")] + [f"hd95_{r}" for r in (*BRATS_REGIONS, "mean")]
+    return ["dice", "volume_difference_mm3", "simple_lesion_count", "lesionwise_f1"]
+
+
+@dataclass
+class Evaluation:
+    rows: list[dict[str, Any]]  # one per case: {"case": id, metric: value, ...}
+    summary: dict[str, Any]  # n, per-metric mean/std/min/max, where things came from
+    csv_path: Path
+    json_path: Path
+
+
+def _cases(finetuned: FinetunedModel, datalist: str | os.PathLike, split: str, root: str | None) -> tuple[list[dict], Path]:
+    if split not in SPLITS:
+        raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    listing = read_datalist(datalist, root)
+    config = finetuned.config
+    dataset = config.data.dataset
+    if listing.dataset and listing.dataset != dataset:
+        raise DataError(f"datalist {listing.path}: holds {listing.dataset} cases, the model is a {dataset} model")
+    where = f"datalist {listing.path}"
+    if split == "all":
+        cases = listing.all_cases
+    elif listing.validation is not None:
+        cases = listing.validation if split == "validation" else listing.training
+    elif config.data.fold is not None:
+        training, validation = fold_split(listing.training, config.data.fold, where)
+        cases = validation if split == "validation" else training
+    elif split == "validation":
+        raise DataError(f"{where}: has no 'validation' list (BraTS: index with --fold K, or pass data.fold=K); or use --split training")
+    else:
+        cases = listing.training
+    if not cases:
+        raise DataError(f"{where}: no {split} cases")
+    cases = [absolute(c, listing.base) for c in cases]
+    if config.data.modalities:
+        available = listing.content.get("modalities") or MODALITIES[dataset]
+        cases = [select_modalities(c, config.data.modalities, available, where) for c in cases]
+    for case in cases:
+        if not case.get("label"):
+            raise DataError(f"{where}: case {case_id(case)} has no 'label' to evaluate against")
+    return cases, listing.path
+
+
+def _truth(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"label file {path}: no such file")
+    try:
+        data = np.asanyarray(nib.load(path).dataobj)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is reported with the file's name
+        raise DataError(f"label file {path}: cannot read ({type(exc).__name__}: {exc})") from None
+    data = data.reshape(data.shape[:3]) if data.ndim == 4 and data.shape[3] == 1 else data
+    if data.shape != shape:
+        raise DataError(f"label file {path}: shape {data.shape} differs from its image's {shape}")
+    if not np.all(np.equal(np.mod(data, 1), 0)):
+        raise DataError(f"label file {path}: holds non-integer values")
+    return data.astype(np.int64)
+
+
+def _et_label(finetuned: FinetunedModel, truth: np.ndarray) -> int:
+    fmt = finetuned.config.finetune.label_format
+    if fmt != "auto":
+        return 3 if fmt == "brats2023" else 4
+    values = set(np.unique(truth).tolist())
+    return 3 if 3 in values and 4 not in values else 4
+
+
+def _score_case(finetuned: FinetunedModel, case: dict, progress: bool) -> tuple[dict[str, float], Any]:
+    files = case["image"] if isinstance(case["image"], list) else [case["image"]]
+    inputs = CaseInputs([Path(f) for f in files])
+    for path in inputs.files:
+        if not path.is_file():
+            raise DataError(f"case {case_id(case)}: image file {path}: no such file")
+    reference = check_grids(inputs.files)
+    label_path = Path(case["label"])
+    truth = _truth(label_path, tuple(reference.shape[:3]))
+    spacing = tuple(float(z) for z in reference.header.get_zooms()[:3])
+    if finetuned.dataset == "brats":
+        et = _et_label(finetuned, truth)
+        try:
+            true_regions = brats_regions(truth, et_label=et)
+        except DataError as exc:
+            raise DataError(f"label file {label_path}: {exc}") from None
+        prediction = predict_case(finetuned, inputs, progress=progress, et_label=et)
+        pred_regions = brats_regions(prediction.labels, et_label=et)
+        dice = brats_dice(pred_regions, true_regions)
+        hd = brats_hd95(pred_regions, true_regions, spacing)
+        row = {f"dice_{k}": v for k, v in dice.items()} | {f"hd95_{k}": v for k, v in hd.items()}
+    else:
+        values = set(np.unique(truth).tolist())
+        if not values <= {0, 1}:
+            raise DataError(f"label file {label_path}: lesion mask has values {sorted(values - {0, 1})}; expected 0/1")
+        prediction = predict_case(finetuned, inputs, progress=progress)
+        m = lesion_metrics(prediction.labels > 0, truth > 0, spacing)
+        row = {
+            "dice": m["dice"],
+            "volume_difference_mm3": m["volume_difference"],
+            "simple_lesion_count": m["simple_lesion_count"],
+            "lesionwise_f1": m["lesionwise_f1"],
+        }
+    return row, prediction
+
+
+def _statistics(values: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
+
+
+def _write_csv(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def evaluate(
+    finetuned: FinetunedModel,
+    datalist: str | os.PathLike,
+    *,
+    split: str = "validation",
+    root: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    save_predictions: bool = False,
+) -> Evaluation:
+    """Score ``finetuned`` on the ``split`` cases of ``datalist``; write ``metrics.csv`` and ``summary.json``.
+
+    Args:
+        datalist: a MONAI-style datalist (``bsf data index``); cases need a ``label``.
+        split: ``validation`` (the datalist's list, else its fold ``data.fold``), ``training`` or ``all``.
+        root: folder the datalist's relative paths resolve against (default: its ``root``, else its folder).
+        out_dir: where the files go (default: ``<model folder>/evaluate_<split>``).
+        save_predictions: also write each case's label map to ``out_dir/predictions/<case>.nii.gz``.
+
+    The summary JSON holds ``n``, and per metric ``mean``, ``std`` (population, ddof 0), ``min``, ``max``.
+    """
+    started = time.perf_counter()
+    cases, datalist_path = _cases(finetuned, datalist, split, root)
+    out = Path(out_dir) if out_dir is not None else finetuned.path.parent / f"evaluate_{split}"
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output folder {out}: exists and is not a folder")
+    columns = ["case", *metric_names(finetuned.dataset)]
+    rows = []
+    for case in tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not progress):
+        name = case_id(case)
+        scores, prediction = _score_case(finetuned, case, progress=False)
+        rows.append({"case": name, **scores})
+        if save_predictions:
+            save_label_map(prediction.labels, prediction.reference, out / "predictions" / f"{name}.nii.gz")
+        log.info("%s: %s", name, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    metrics = {name: _statistics([row[name] for row in rows]) for name in columns[1:]}
+    summary = {
+        "model": str(finetuned.path),
+        "config_source": finetuned.config_source,
+        "dataset": finetuned.dataset,
+        "datalist": str(datalist_path),
+        "split": split,
+        "n": len(rows),
+        "threshold": finetuned.config.finetune.threshold,
+        "metrics": metrics,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    csv_path, json_path = out / "metrics.csv", out / "summary.json"
+    _write_csv(rows, columns, csv_path)
+    summary["csv"] = str(csv_path)
+    atomic_write_json(summary, json_path)
+    return Evaluation(rows, summary, csv_path, json_path)
+
+
+def format_table(evaluation: Evaluation) -> str:
+    """A fixed-width table: one line per case, then mean and std over cases."""
+    columns = ["case", *evaluation.summary["metrics"]]
+    width = max([len("case"), len("mean"), *(len(str(r["case"])) for r in evaluation.rows)])
+    widths = [width] + [max(9, len(c)) for c in columns[1:]]
+
+    def line(cells: Sequence[Any]) -> str:
+        out = []
+        for i, (cell, w) in enumerate(zip(cells, widths)):
+            if isinstance(cell, float):
+                cell = "nan" if math.isnan(cell) else f"{cell:.4f}" if abs(cell) < 1000 else f"{cell:.1f}"
+            out.append(str(cell).ljust(w) if i == 0 else str(cell).rjust(w))
+        return "  ".join(out)
+
+    lines = [line(columns), line(["-" * w for w in widths])]
+    lines += [line([r["case"], *(float(r[c]) for c in columns[1:])]) for r in evaluation.rows]
+    lines.append(line(["-" * w for w in widths]))
+    for stat in ("mean", "std"):
+        lines.append(line([stat, *(evaluation.summary["metrics"][c][stat] for c in columns[1:])]))
+    return "\n".join(lines)

@@ -1,0 +1,445 @@
+"""Prediction with a fine-tuned (Stage 3) model: load it without guessing its config, segment one case, write a label map.
+
+The route from input files to a label map in the input's own grid::
+
+    NIfTI files (model's modality order) --deterministic training transforms, no label-->
+        Orientation RAS -> z-score (brain, per channel) -> crop to the brain -> pad to the ROI
+    --sliding-window inference (data.roi, finetune.sw_overlap, Gaussian blending)--> sigmoid probabilities
+    --threshold finetune.threshold--> regions (BraTS TC, WT, ET; ATLAS lesion)
+    --regions_to_labels--> label map (BraTS 0/1/2/4, or 3 for ET with 2023+ naming; ATLAS 0/1)
+    --MONAI inverse of pad, crop and orientation--> the input's shape, written with the input's affine and header.
+
+Crop, pad and reorientation move voxels without interpolation, so the inversion is exact.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import Compose, EnsureTyped, InvertibleTransform, Invertd, NormalizeIntensityd
+from torch import nn
+
+from bsf.config import RunConfig, load_config
+from bsf.data.pipeline import CheckedLoadd, CompactImaged, as_data_error, deterministic_transforms
+from bsf.engine.engine import resolve_device
+from bsf.engine.tasks import input_modalities
+from bsf.errors import CheckpointError, ConfigError, DataError
+from bsf.io import atomic_path
+from bsf.model import build_swin_unetr, import_weights
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BRATS_FILE_SUFFIXES",
+    "CaseInputs",
+    "FinetunedModel",
+    "Prediction",
+    "build_network",
+    "check_input_paths",
+    "check_grids",
+    "inference_transforms",
+    "load_finetuned",
+    "predict_case",
+    "predict_to_file",
+    "regions_to_labels",
+    "resolve_inputs",
+    "save_label_map",
+]
+
+#: file-name suffixes of each BraTS modality: 2021 naming first, then 2023+ (t2f, t1c, t1n, t2w)
+BRATS_FILE_SUFFIXES: dict[str, tuple[str, str]] = {
+    "flair": ("flair", "t2f"),
+    "t1ce": ("t1ce", "t1c"),
+    "t1": ("t1", "t1n"),
+    "t2": ("t2", "t2w"),
+}
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+ATLAS_T1W = "_T1w"
+#: where :func:`load_finetuned` looks, beside the model file, for the config of a weights-only checkpoint
+CONFIG_NEIGHBOURS = ("checkpoint_last.pt", "summary.json", "config/bsf_run.yaml")
+
+
+# ------------------------------------------------------------------------------------------ model
+@dataclass
+class FinetunedModel:
+    """A fine-tuned SwinUNETR in eval mode, with the config it was trained under."""
+
+    model: nn.Module
+    config: RunConfig
+    path: Path
+    config_source: str  # where the config came from: the checkpoint, a neighbour file, or --config
+    device: torch.device
+
+    @property
+    def dataset(self) -> str:
+        return self.config.data.dataset
+
+    @property
+    def modalities(self) -> list[str]:
+        """The model's input channels by modality name, in order."""
+        return input_modalities(self.config)
+
+    def et_label(self, brats2023_names: bool = False) -> int:
+        """Label written for enhancing tumour: 3 with ``finetune.label_format=brats2023``, or ``auto`` and 2023+ file names; else 4."""
+        fmt = self.config.finetune.label_format
+        return 3 if fmt == "brats2023" or (fmt == "auto" and brats2023_names) else 4
+
+
+def _read_checkpoint(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise CheckpointError(f"model {path}: cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _neighbour_config(path: Path) -> tuple[Any, str] | None:
+    """The training config stored beside a weights-only checkpoint (see :data:`CONFIG_NEIGHBOURS`)."""
+    import json
+
+    for name in CONFIG_NEIGHBOURS:
+        candidate = path.parent / name
+        if not candidate.is_file() or candidate.resolve() == path.resolve():
+            continue
+        if candidate.suffix == ".pt":
+            state = _read_checkpoint(candidate)
+            if isinstance(state, Mapping) and isinstance(state.get("config"), Mapping):
+                return dict(state["config"]), str(candidate)
+        elif candidate.suffix == ".json":
+            try:
+                summary = json.loads(candidate.read_text())
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{candidate}: cannot read its config ({exc})") from None
+            if isinstance(summary, Mapping) and isinstance(summary.get("config"), Mapping):
+                return dict(summary["config"]), str(candidate)
+        else:
+            return candidate, str(candidate)
+    return None
+
+
+def build_network(config: RunConfig) -> nn.Module:
+    """The bare SwinUNETR a fine-tuning config describes (no pretrained encoder is loaded)."""
+    m = config.model
+    return build_swin_unetr(m.size, m.in_channels, m.out_channels, dropout=m.dropout)
+
+
+def load_finetuned(
+    model_path: str | os.PathLike,
+    config: str | os.PathLike | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    device: str | torch.device = "cpu",
+) -> FinetunedModel:
+    """Load a fine-tuned model and the config that describes it; its weights are loaded strictly.
+
+    Args:
+        model_path: ``checkpoint_last.pt`` (carries its ``"config"``), ``checkpoint_best.pt`` or an NVFlare
+            ``FL_global_model.pt`` / ``best_FL_global_model.pt`` (``{"model": state_dict}``), or any layout
+            :func:`bsf.model.import_weights` reads.
+        config: a YAML path, preset name or mapping; ``None`` takes the checkpoint's own ``"config"``, else the one
+            stored beside it: ``checkpoint_last.pt``, ``summary.json`` (a ``bsf train`` output folder), or
+            ``config/bsf_run.yaml`` (an NVFlare ``app_server`` folder).
+        overrides: ``section.key=value`` strings applied on top (e.g. ``finetune.threshold=0.4``).
+        device: ``"cpu"``, ``"cuda"``, ``"auto"`` or a ``torch.device``.
+
+    Raises:
+        CheckpointError: the file is missing/unreadable, no config can be found, or a weight key or shape differs
+            from the model the config builds (every unmatched key is listed).
+        ConfigError: the config is not a fine-tuning (``stage: finetune``) config.
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise CheckpointError(f"model {path}: no such file")
+    state = _read_checkpoint(path)
+    if config is not None:
+        source: Any = config
+        origin = str(config) if not isinstance(config, Mapping) else "the given config"
+    elif isinstance(state, Mapping) and isinstance(state.get("config"), Mapping):
+        source, origin = dict(state["config"]), str(path)
+    else:
+        found = _neighbour_config(path)
+        if found is None:
+            raise CheckpointError(
+                f"model {path}: carries no config and none lies beside it ({', '.join(CONFIG_NEIGHBOURS)}); "
+                "pass the training config with --config (and key=value overrides)"
+            )
+        source, origin = found
+    run_config = load_config(source, overrides)
+    if run_config.stage != "finetune":
+        raise ConfigError(
+            f"model {path}: its config ({origin}) is a stage {run_config.stage!r} model; "
+            "predict/evaluate/bundle need a fine-tuned segmentation model (stage: finetune)"
+        )
+    expected = {"brats": 3, "atlas": 1}.get(run_config.data.dataset)
+    if expected is not None and run_config.model.out_channels != expected:
+        raise ConfigError(f"model.out_channels={run_config.model.out_channels} but a {run_config.data.dataset} model has {expected}")
+    network = build_network(run_config)
+    try:
+        import_weights(network, state, scope="all", strict=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"model {path} does not match the config from {origin}: {exc}") from None
+    target = device if isinstance(device, torch.device) else resolve_device(device)
+    network.to(target).eval()
+    log.info("loaded %s (config from %s, %s %s -> %d outputs) on %s", path, origin, run_config.data.dataset,
+             input_modalities(run_config), run_config.model.out_channels, target)
+    return FinetunedModel(network, run_config, path, origin, target)
+
+
+# ----------------------------------------------------------------------------------------- inputs
+@dataclass
+class CaseInputs:
+    """One case's image files in the model's channel order."""
+
+    files: list[Path]
+    brats2023_names: bool = False  # found through the 2023+ names (t2f, t1c, t1n, t2w)
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_EXTENSIONS)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in NIFTI_EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _modality_matches(folder: Path, suffix: str) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and _is_nifti(p) and _stem(p).lower().endswith((f"_{suffix}", f"-{suffix}")))
+
+
+def _brats_folder(folder: Path, modalities: Sequence[str]) -> CaseInputs:
+    files, used_2023 = [], False
+    for modality in modalities:
+        if modality not in BRATS_FILE_SUFFIXES:
+            raise ConfigError(f"modality {modality!r} is not a BraTS modality ({', '.join(BRATS_FILE_SUFFIXES)})")
+        found: list[Path] = []
+        for i, suffix in enumerate(BRATS_FILE_SUFFIXES[modality]):
+            matches = _modality_matches(folder, suffix)
+            if len(matches) > 1:
+                raise DataError(f"case folder {folder}: {len(matches)} {modality} images ({', '.join(m.name for m in matches)}); give the files explicitly")
+            if matches:
+                found, used_2023 = matches, used_2023 or i == 1
+                break
+        if not found:
+            names = " or ".join(f"*_{s}.nii.gz / *-{s}.nii.gz" for s in BRATS_FILE_SUFFIXES[modality])
+            raise DataError(f"case folder {folder}: no {modality} image ({names})")
+        files.append(found[0])
+    return CaseInputs(files, used_2023)
+
+
+def _atlas_folder(folder: Path) -> CaseInputs:
+    found = sorted(p for p in folder.rglob(f"*{ATLAS_T1W}.nii*") if _is_nifti(p))
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)}"
+        raise DataError(f"case folder {folder}: {what} T1w image(s) (*{ATLAS_T1W}.nii.gz){'' if not found else '; give the file explicitly'}")
+    return CaseInputs(found)
+
+
+def check_input_paths(inputs: Sequence[str | os.PathLike]) -> None:
+    """DataError naming the first input path that does not exist (checked before a model is loaded)."""
+    if not inputs:
+        raise DataError("no input: give a case folder or NIfTI files")
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise DataError(f"input {'file' if _is_nifti(path) else 'file or folder'} {path}: no such file")
+
+
+def resolve_inputs(inputs: Sequence[str | os.PathLike], config: RunConfig) -> CaseInputs:
+    """The image files of one case, in the model's modality order.
+
+    ``inputs`` is one case folder (BraTS: the four modalities found by their suffix, 2021 ``_flair``, ``_t1ce``,
+    ``_t1``, ``_t2`` or 2023+ ``-t2f``, ``-t1c``, ``-t1n``, ``-t2w``; ATLAS: the one ``*_T1w.nii.gz`` below it),
+    or NIfTI files already in the model's order (``data.modalities``, else the data set's full set).
+
+    Raises:
+        DataError: a missing file (named), a folder without a modality, or the wrong number of files.
+    """
+    paths = [Path(p) for p in inputs]
+    modalities = input_modalities(config)
+    if not paths:
+        raise DataError(f"no input: give a case folder or {len(modalities)} NIfTI file(s) ({', '.join(modalities)})")
+    if len(paths) == 1 and paths[0].is_dir():
+        return _atlas_folder(paths[0]) if config.data.dataset == "atlas" else _brats_folder(paths[0], modalities)
+    for path in paths:
+        if path.is_dir():
+            raise DataError(f"input {path}: is a folder; give one case folder alone, or NIfTI files")
+        if not path.exists():
+            raise DataError(f"input file {path}: no such file")
+        if not _is_nifti(path):
+            raise DataError(f"input file {path}: not a NIfTI file (.nii or .nii.gz)")
+    if len(paths) != len(modalities):
+        raise DataError(
+            f"the model takes {len(modalities)} image(s) in the order {', '.join(modalities)}; got {len(paths)}: "
+            + ", ".join(str(p) for p in paths)
+        )
+    brats2023 = config.data.dataset == "brats" and all(
+        _stem(p).lower().endswith((f"-{BRATS_FILE_SUFFIXES[m][1]}", f"_{BRATS_FILE_SUFFIXES[m][1]}")) for p, m in zip(paths, modalities)
+    )
+    return CaseInputs(paths, brats2023)
+
+
+def check_grids(files: Sequence[Path]) -> nib.spatialimages.SpatialImage:
+    """The first file's image (header only); DataError when a file is unreadable or the grids differ."""
+    images = []
+    for path in files:
+        try:
+            images.append(nib.load(path))
+        except Exception as exc:  # noqa: BLE001 - any reader failure is reported with the file's name
+            raise DataError(f"input file {path}: cannot read as NIfTI ({type(exc).__name__}: {exc})") from None
+    first = images[0]
+    if len(first.shape) < 3:
+        raise DataError(f"input file {files[0]}: not a 3-D image (shape {first.shape})")
+    for path, image in zip(files[1:], images[1:]):
+        if image.shape[:3] != first.shape[:3]:
+            raise DataError(f"input file {path}: shape {image.shape[:3]} differs from {files[0].name}'s {first.shape[:3]}")
+        if not np.allclose(image.affine, first.affine, atol=1e-3):
+            raise DataError(f"input file {path}: its affine differs from {files[0].name}'s (the modalities must share one grid)")
+    return first
+
+
+# -------------------------------------------------------------------------------------- inference
+def inference_transforms(roi: Sequence[int]) -> Compose:
+    """The training pipeline's deterministic transforms (:func:`bsf.data.pipeline.deterministic_transforms`, no label)
+    minus its final tensor conversions, so that each spatial step stays recorded and can be inverted."""
+    kept = []
+    for transform in deterministic_transforms(roi).transforms:
+        if isinstance(transform, (EnsureTyped, CompactImaged)):
+            continue
+        if not isinstance(transform, (CheckedLoadd, InvertibleTransform, NormalizeIntensityd)):
+            # a new step in the training pipeline must be invertible (or intensity-only) for predictions to map back
+            raise TypeError(f"cannot invert the training transform {type(transform).__name__} for prediction")
+        kept.append(transform)
+    return Compose(kept)
+
+
+def regions_to_labels(regions: np.ndarray | torch.Tensor, et_label: int = 4) -> np.ndarray:
+    """Binary regions -> label map (uint8).
+
+    BraTS ``(3, X, Y, Z)`` in the order TC, WT, ET: ET -> ``et_label`` (4, or 3 for 2023+), TC minus ET -> 1,
+    WT minus TC -> 2, else 0. ATLAS ``(1, X, Y, Z)``: the lesion mask as 0/1.
+    """
+    r = regions.detach().cpu().numpy() if isinstance(regions, torch.Tensor) else np.asarray(regions)
+    r = r.astype(bool)
+    if r.ndim != 4 or r.shape[0] not in (1, 3):
+        raise ValueError(f"regions must have shape (3, X, Y, Z) (TC, WT, ET) or (1, X, Y, Z); got {r.shape}")
+    if r.shape[0] == 1:
+        return r[0].astype(np.uint8)
+    tc, wt, et = r
+    labels = np.zeros(r.shape[1:], dtype=np.uint8)
+    labels[wt] = 2
+    labels[tc] = 1
+    labels[et] = et_label
+    return labels
+
+
+def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, config: RunConfig, *, progress: bool = False) -> torch.Tensor:
+    """(1, C, X, Y, Z) -> sigmoid probabilities (1, K, X, Y, Z); the same windows as validation in training
+    (:meth:`bsf.engine.segmentation.SegmentationTask.predict`)."""
+    f = config.finetune
+    with torch.no_grad():
+        logits = sliding_window_inference(
+            image, list(config.data.roi), f.sw_batch_size, model, overlap=f.sw_overlap, mode="gaussian", progress=progress
+        )
+    return torch.sigmoid(logits)
+
+
+@dataclass
+class Prediction:
+    """A case's label map in the input's grid (shape and affine of ``reference``)."""
+
+    labels: np.ndarray  # uint8 (X, Y, Z)
+    reference: nib.spatialimages.SpatialImage  # the first input file (header and affine of the output)
+    et_label: int
+
+
+def predict_case(
+    finetuned: FinetunedModel,
+    inputs: CaseInputs | Sequence[str | os.PathLike],
+    *,
+    progress: bool = False,
+    et_label: int | None = None,
+    model: nn.Module | None = None,
+) -> Prediction:
+    """Segment one case (see the module docstring). ``model`` replaces ``finetuned.model`` (tests)."""
+    case = inputs if isinstance(inputs, CaseInputs) else resolve_inputs(inputs, finetuned.config)
+    reference = check_grids(case.files)
+    config = finetuned.config
+    transform = inference_transforms(config.data.roi)
+    image_entry: str | list[str] = [str(f) for f in case.files] if len(case.files) > 1 else str(case.files[0])
+    try:
+        data = transform({"image": image_entry})
+    except RuntimeError as exc:
+        raise as_data_error(exc) from None
+    image = data["image"]
+    if image.shape[0] != config.model.in_channels:
+        raise DataError(f"{case.files[0]}: {image.shape[0]} channel(s) loaded; the model takes {config.model.in_channels}")
+    network = model if model is not None else finetuned.model
+    probabilities = sliding_window_probabilities(network, image.as_tensor()[None].to(finetuned.device), config, progress=progress)[0].cpu()
+    et = et_label if et_label is not None else finetuned.et_label(case.brats2023_names)
+    labels = regions_to_labels(probabilities > config.finetune.threshold, et)
+    pred = MetaTensor(torch.from_numpy(labels[None].astype(np.float32)), meta=dict(image.meta))
+    inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)({"image": image, "pred": pred})["pred"]
+    out = np.rint(np.asarray(inverted.detach().cpu())[0]).astype(np.uint8)
+    if out.shape != tuple(reference.shape[:3]):
+        raise RuntimeError(f"inverted prediction has shape {out.shape}, input {case.files[0]} has {reference.shape[:3]}")
+    return Prediction(out, reference, et)
+
+
+def save_label_map(labels: np.ndarray, reference: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> Path:
+    """Write ``labels`` (uint8, the reference's grid) as NIfTI with the reference's affine and header, atomically."""
+    path = Path(path)
+    if not path.name.lower().endswith(NIFTI_EXTENSIONS):
+        raise DataError(f"output {path}: must end in .nii.gz or .nii")
+    if labels.shape != tuple(reference.shape[:3]):
+        raise DataError(f"label map shape {labels.shape} differs from the reference grid {reference.shape[:3]}")
+    header = reference.header.copy() if isinstance(reference, nib.Nifti1Image) else None
+    image = nib.Nifti1Image(np.ascontiguousarray(labels, dtype=np.uint8), reference.affine, header)
+    image.set_data_dtype(np.uint8)
+    image.header.set_slope_inter(1.0, 0.0)
+    if isinstance(reference, nib.Nifti1Image):
+        image.set_qform(reference.get_qform(), code=int(reference.header["qform_code"]))
+        image.set_sform(reference.get_sform(), code=int(reference.header["sform_code"]))
+    payload = image.to_bytes()
+    if path.name.lower().endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=6, mtime=0)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
+    return path
+
+
+def predict_to_file(
+    finetuned: FinetunedModel,
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    progress: bool = True,
+) -> Prediction:
+    """``bsf predict``: resolve the inputs, segment, write the label map to ``output`` (atomically)."""
+    output = Path(output)
+    if not output.name.lower().endswith(NIFTI_EXTENSIONS):
+        raise DataError(f"output {output}: must end in .nii.gz or .nii")
+    case = resolve_inputs(inputs, finetuned.config)
+    for modality, path in zip(finetuned.modalities, case.files):
+        log.info("input %s: %s", modality, path)
+    prediction = predict_case(finetuned, case, progress=progress)
+    save_label_map(prediction.labels, prediction.reference, output)
+    return prediction
+
+
+def label_counts(labels: np.ndarray) -> dict[int, int]:
+    """Voxels per label value present."""
+    values, counts = np.unique(labels, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts)}
