@@ -107,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("site %s: site configuration from %s", site, setup.source)
     site_overrides = prepare_site_data(setup, base.data.dataset, paths.workspace)
     state_dir = paths.job / SITE_STATE_FOLDER
-    overrides = [*args.override, *site_overrides, f"train.output_dir={state_dir}"]
+    # The previous stage's model (Stage 2/3) is loaded and channel-adapted once, on the server, and
+    # arrives as the round-0 global model: a site never needs (or reads) that file itself.
+    overrides = [*args.override, *site_overrides, f"train.output_dir={state_dir}", "model.pretrained=null"]
     engine = make_engine(run_config, overrides)
     writer = SummaryWriter()
     trainer = SiteTrainer(engine, settings, site=site, state_dir=state_dir, log_scalar=writer.add_scalar)

@@ -2,19 +2,27 @@
 
 ::
 
-    python -m bsf.fl.jobs export                 # (re)write jobs/stage1 and jobs/stage1_single
+    python -m bsf.fl.jobs export                 # (re)write every committed job folder under jobs/
     python -m bsf.fl.jobs export --out /tmp/jobs --rounds 5 --local-steps 20
     python -m bsf.fl.jobs simulate stage1 -n 3   # the Python route: SimEnv, no job folder needed
     nvflare simulator jobs/stage1 -w /tmp/ws -n 2 -t 2
+    BSF_PRETRAINED=/abs/stage1/FL_global_model.pt nvflare simulator jobs/stage2_brats -w /tmp/ws2 -n 2 -t 2
 
 A job is: the server runs :class:`~bsf.fl.controller.CheckedFedAvg` (FedAvg, checked
 aggregation of the ``scope`` part, weights by steps or cases) with
-:class:`~bsf.fl.persistor.BSFModelPersistor` (seeded initial model, ``FL_global_model.pt``
-every round, ``best_FL_global_model.pt`` by validation reconstruction L1), TensorBoard and JSON
-metric receivers, and optionally cross-site evaluation; every site runs the thin entry script
-``bsf_client.py`` (:func:`bsf.fl.client.main`) in process. The run config travels as
-``config/bsf_run.yaml``. Nothing else: ``bsf`` is an installed package at every site, so no
-library code is copied into ``custom/``.
+:class:`~bsf.fl.persistor.BSFModelPersistor` (initial model: seeded, or built from the previous
+stage's model; ``FL_global_model.pt`` every round, ``best_FL_global_model.pt`` by the stage's
+validation metric: SSL reconstruction L1, lower is better; fine-tuning mean Dice, higher is
+better), TensorBoard and JSON metric receivers, and optionally cross-site evaluation written as a
+table (:mod:`bsf.fl.crosssite`); every site runs the thin entry script ``bsf_client.py``
+(:func:`bsf.fl.client.main`) in process. The run config travels as ``config/bsf_run.yaml``.
+Nothing else: ``bsf`` is an installed package at every site, so no library code is copied into
+``custom/``.
+
+Stages 2 and 3 (``stage2_brats``, ``stage2_atlas``, ``stage3_brats``, ``stage3_atlas``) start from
+the previous stage's model, named on the server by ``$BSF_PRETRAINED`` or baked into the job with
+``export --pretrained PATH`` (see :func:`bsf.fl.model_init.initial_global_weights`); without one
+they stop at start with a message saying so.
 
 Simulator note: give ``-t`` equal to ``-n``. With fewer threads than sites NVFlare restarts a
 site's process for every task; sites then continue from their per-round resume checkpoint.
@@ -48,7 +56,7 @@ from bsf.fl.client import main
 
 main()
 '''
-KEY_METRIC = "val_reconstruction_l1"
+KEY_METRIC = "val_reconstruction_l1"  # Stage 1/2 (SSL); a job's own metric comes from selection_metric()
 WEIGHTINGS = ("steps", "cases", "uniform")
 
 
@@ -70,6 +78,10 @@ class JobSpec:
     run_config: str = "stage1_test"  # preset name or YAML path
     run_overrides: list[str] = field(default_factory=list)
     initial_ckpt: str | None = None
+    #: the previous stage's model (server path); None: $BSF_PRETRAINED or the run config's model.pretrained
+    pretrained: str | None = None
+    #: refuse to start without a previous stage's model (Stage 2 and 3)
+    require_pretrained: bool = False
 
     def settings(self) -> FLSettings:
         return FLSettings(
@@ -97,10 +109,21 @@ class JobSpec:
         return " ".join(args)
 
 
+#: BraTS Stage 3 starts from the Stage 2 BraTS model, whose channels already are BraTS's.
+BRATS_CHANNELS = "model.pretrained_modalities=[flair, t1ce, t1, t2]"
+
 #: The committed jobs (``python -m bsf.fl.jobs export`` regenerates them).
 COMMITTED_JOBS: dict[str, JobSpec] = {
     "stage1": JobSpec(name="stage1"),
     "stage1_single": JobSpec(name="stage1_single", min_clients=1, cross_site_eval=False),
+    # Stage 2: SSL on the target data set from the Stage 1 model; the encoder is aggregated, SSL heads stay local
+    "stage2_brats": JobSpec(name="stage2_brats", run_config="stage2_brats_test", scope="encoder", require_pretrained=True),
+    "stage2_atlas": JobSpec(name="stage2_atlas", run_config="stage2_atlas_test", scope="encoder", require_pretrained=True),
+    # Stage 3: fine-tuning from the Stage 2 model; the whole network is aggregated
+    "stage3_brats": JobSpec(
+        name="stage3_brats", run_config="stage3_brats_test", scope="all", require_pretrained=True, run_overrides=[BRATS_CHANNELS]
+    ),
+    "stage3_atlas": JobSpec(name="stage3_atlas", run_config="stage3_atlas_test", scope="all", require_pretrained=True),
 }
 
 
@@ -147,6 +170,14 @@ def job_run_config(spec: JobSpec) -> dict[str, Any]:
     return raw
 
 
+def job_selection_metric(spec: JobSpec) -> tuple[str, bool]:
+    """The validation metric that picks ``best_FL_global_model.pt`` for ``spec``'s stage, and whether lower is better."""
+    from bsf.engine import load_config
+    from bsf.fl.model_init import selection_metric
+
+    return selection_metric(load_config(job_run_config(spec)))
+
+
 @contextlib.contextmanager
 def _chdir(path: str | os.PathLike) -> Iterator[None]:
     old = os.getcwd()
@@ -175,6 +206,7 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
 
     from bsf.fl.aggregation import CheckedFedAvgAggregator
     from bsf.fl.controller import CheckedFedAvg
+    from bsf.fl.crosssite import CrossSiteResultsWriter
     from bsf.fl.metrics import JSONMetricsReceiver
     from bsf.fl.persistor import BSFModelPersistor
 
@@ -190,15 +222,24 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
         + yaml.safe_dump(job_run_config(spec), sort_keys=False)
     )
 
+    metric, lower_is_better = job_selection_metric(spec)
     job = BaseFedJob(
         name=spec.name,
         min_clients=spec.min_clients,
-        model_selector=IntimeModelSelector(key_metric=KEY_METRIC, negate_key_metric=True),
+        model_selector=IntimeModelSelector(key_metric=metric, negate_key_metric=lower_is_better),
         analytics_receiver=TBAnalyticsReceiver(tb_folder="tb_events"),
+        validation_json_generator=CrossSiteResultsWriter(metric=metric) if spec.cross_site_eval else None,
     )
     job.set_app_packages(["bsf"])
     job.to_server(
-        BSFModelPersistor(run_config=RUN_CONFIG_FILE, scope=spec.scope, initial_ckpt=spec.initial_ckpt),
+        BSFModelPersistor(
+            run_config=RUN_CONFIG_FILE,
+            scope=spec.scope,
+            initial_ckpt=spec.initial_ckpt,
+            pretrained=spec.pretrained,
+            require_pretrained=spec.require_pretrained,
+            job_name=spec.name,
+        ),
         id="persistor",
     )
     job.to_server(JSONMetricsReceiver(), id="bsf_metrics")
@@ -340,7 +381,7 @@ def demo_federation(out: str | os.PathLike, n_sites: int = 2, spec: JobSpec | No
 
 def _spec_from_args(args: argparse.Namespace, base: JobSpec) -> JobSpec:
     changes = {}
-    for name in ("num_rounds", "local_steps", "min_clients", "scope", "transfer", "transfer_dtype", "weigh_by", "initial_ckpt"):
+    for name in ("num_rounds", "local_steps", "min_clients", "scope", "transfer", "transfer_dtype", "weigh_by", "initial_ckpt", "pretrained"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -367,7 +408,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--weigh-by", choices=WEIGHTINGS)
         p.add_argument("--run-config", help="preset name or YAML path (default: the job's)")
         p.add_argument("--override", action="append", help="run-config override section.key=value (repeatable)")
-        p.add_argument("--initial-ckpt", help="start from this checkpoint's encoder (server-side path)")
+        p.add_argument("--initial-ckpt", help="start from this checkpoint of the same model (server-side path; scope keys, strict)")
+        p.add_argument(
+            "--pretrained",
+            help="Stage 2/3: the previous stage's model (server-side path, e.g. .../app_server/FL_global_model.pt); "
+            "default: $BSF_PRETRAINED on the server",
+        )
         p.add_argument("--no-cross-site-eval", action="store_true")
     exp = sub.choices["export"]
     exp.add_argument("--out", default="jobs", help="folder that receives the job folders (default: jobs)")
@@ -377,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("-w", "--workspace", default="/tmp/bsf_fl_sim")
     sim.add_argument("-n", "--n-clients", type=int, default=2)
     sim.add_argument("-t", "--threads", type=int)
+    sim.add_argument("-c", "--clients", help="comma-separated site names (instead of -n)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "export":
@@ -386,7 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"exported {name} -> {path}")
         return 0
     spec = _spec_from_args(args, COMMITTED_JOBS[args.job])
-    run_dir = simulate(spec, args.workspace, n_clients=args.n_clients, threads=args.threads)
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()] if args.clients else None
+    run_dir = simulate(spec, args.workspace, n_clients=args.n_clients, threads=args.threads, clients=clients)
     global_model = run_dir / "app_server" / "FL_global_model.pt"
     if not global_model.is_file():
         print(f"the federation produced no global model; see the logs under {run_dir.parent}", file=sys.stderr)

@@ -8,15 +8,22 @@ initial global model is not a model object in the job config but
 * the aggregated part (``scope``) of the model the :class:`bsf.engine.Engine` builds for the
   job's run config and seed, so every site starts from identical weights and a one-site
   federation starts exactly where a centralized run does; or
-* the ``scope`` part of ``initial_ckpt`` (any layout :func:`bsf.model.normalize_checkpoint_keys`
-  reads: a previous stage's encoder, the public BrainSegFounder checkpoints, ...).
+* the ``scope`` part of ``initial_ckpt`` (a checkpoint of this very model, e.g. to continue a job); or
+* for Stage 2 and 3: the model the engine builds from the *previous stage's model* (``pretrained``,
+  else ``$BSF_PRETRAINED`` on the server, else the run config's ``model.pretrained``; any layout
+  :func:`bsf.model.normalize_checkpoint_keys` reads, e.g. ``FL_global_model.pt``), its encoder's
+  input channels adapted by modality name with the run config's seed. Done once, here, before
+  round 0: sites never read that file, they receive the result as the round-0 global model.
+
+With ``require_pretrained`` (the Stage 2 and 3 jobs) a missing previous model stops the job at
+start with a message saying how to set it; a missing, unreadable or incompatible file always does
+(never a silent random start). See :func:`bsf.fl.model_init.initial_global_weights`.
 
 The global model holds only the aggregated keys; site-only parts (SSL heads) never reach it.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from nvflare.apis.fl_constant import FLContextKey
@@ -25,7 +32,7 @@ from nvflare.app_common.abstract.model import ModelLearnable
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
 
-from bsf.fl.model_init import checkpoint_weights, initial_weights
+from bsf.fl.model_init import initial_global_weights
 
 
 class BSFModelPersistor(PTFileModelPersistor):
@@ -37,6 +44,9 @@ class BSFModelPersistor(PTFileModelPersistor):
         initial_ckpt: optional checkpoint to start from instead of the seeded initialisation
             (an absolute path on the server, or relative to the app's ``config/`` folder).
         overrides: run-config overrides (``section.key=value``).
+        pretrained: the previous stage's model (server path); ``$BSF_PRETRAINED`` when not set here.
+        require_pretrained: refuse to start without a previous stage's model (Stage 2 and 3 jobs).
+        job_name: the job's name, for messages.
     """
 
     def __init__(
@@ -47,6 +57,9 @@ class BSFModelPersistor(PTFileModelPersistor):
         overrides: list[str] | None = None,
         global_model_file_name: str = "FL_global_model.pt",
         best_global_model_file_name: str = "best_FL_global_model.pt",
+        pretrained: str | None = None,
+        require_pretrained: bool = False,
+        job_name: str | None = None,
     ):
         super().__init__(
             global_model_file_name=global_model_file_name,
@@ -56,6 +69,9 @@ class BSFModelPersistor(PTFileModelPersistor):
         self.scope = scope
         self.initial_ckpt = initial_ckpt
         self.overrides = list(overrides or [])
+        self.pretrained = pretrained
+        self.require_pretrained = require_pretrained
+        self.job_name = job_name
 
     def _resolve(self, name: str, fl_ctx: FLContext) -> str:
         app_root = fl_ctx.get_prop(FLContextKey.APP_ROOT) or "."
@@ -69,24 +85,31 @@ class BSFModelPersistor(PTFileModelPersistor):
 
         try:
             config = load_config(self._resolve(self.run_config, fl_ctx), overrides=self.overrides)
-            if self.initial_ckpt:
-                path = self._resolve(self.initial_ckpt, fl_ctx)
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"initial checkpoint {path} not found on the server")
-                weights = checkpoint_weights(config, path, self.scope)
-                origin = f"checkpoint {path}"
-            else:
-                weights = initial_weights(config, self.scope)
-                origin = f"seed {config.seed}"
+            weights, origin = initial_global_weights(
+                config,
+                self.scope,
+                initial_ckpt=self.initial_ckpt,
+                pretrained=self.pretrained,
+                require_pretrained=self.require_pretrained,
+                job=f"job {self.job_name or fl_ctx.get_job_id()}",
+                resolve=lambda name: self._resolve(name, fl_ctx),
+            )
         except Exception as exc:
-            self.log_exception(fl_ctx, f"cannot create the initial global model: {exc}")
+            from bsf.errors import BSFError
+
+            message = f"CANNOT START: cannot create the initial global model: {exc}"
+            if isinstance(exc, BSFError):  # the user's setting: the message says it all
+                self.log_error(fl_ctx, message)
+            else:
+                self.log_exception(fl_ctx, message)
             self.system_panic(reason=f"cannot create the initial global model: {exc}", fl_ctx=fl_ctx)
             return None
         import torch
 
         data = {k: torch.from_numpy(v) for k, v in weights.items()}
         self.log_info(fl_ctx, f"initial global model: {len(data)} '{self.scope}' tensors from {origin}")
-        self.default_train_conf = {"train": {"model": "bsf.SSLModel", "scope": self.scope}}
+        model = "bsf.SSLModel" if config.stage == "ssl" else "monai.networks.nets.SwinUNETR"
+        self.default_train_conf = {"train": {"model": model, "stage": config.stage, "scope": self.scope}}
         self.persistence_manager = PTModelPersistenceFormatManager(
             data, default_train_conf=self.default_train_conf, allow_numpy_conversion=True
         )

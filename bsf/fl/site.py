@@ -19,8 +19,9 @@ A site finds its config, first match wins:
 1. ``$BSF_SITE_CONFIG``: a site config, or a *site map* ``{sites: {<site>: <config or path>, "*": ...}}``
    (``simulator/sites.yaml`` is one; paths are relative to the map file);
 2. ``<site workspace>/local/bsf_site.yaml`` (real sites: next to ``resources.json``);
-3. nothing: the site synthesises a small UKB-like data set for itself in
-   ``<site workspace>/bsf_data/``, seeded by its name, and logs that it did.
+3. nothing: the site synthesises a small data set of the job's kind for itself (the run config's
+   ``data.dataset``: UKB-like for Stage 1, BraTS-like or ATLAS-like for Stages 2 and 3) in
+   ``<site workspace>/bsf_data/synthetic-<dataset>-...``, seeded by its name, and logs that it did.
 """
 
 from __future__ import annotations
@@ -157,7 +158,10 @@ def resolve_site(site: str, workspace: str | os.PathLike | None = None, environ:
 def prepare_site_data(setup: SiteSetup, dataset: str, workspace: str | os.PathLike) -> list[str]:
     """Synthesise the site's data set if it asks for one (or has none); return the overrides that point at it.
 
-    The set is written once under ``<workspace>/bsf_data/`` and reused by later runs.
+    ``dataset`` is the job's (``ukb``, ``brats`` or ``atlas``, after the site's own overrides), so a
+    Stage 2/3 BraTS job's site synthesises BraTS-like cases with tumour labels, an ATLAS job's
+    site ATLAS-like T1w images with lesion masks. The set is written once under
+    ``<workspace>/bsf_data/`` and reused by later runs.
     """
     if setup.synthetic is None:
         return list(setup.overrides)

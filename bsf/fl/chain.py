@@ -1,0 +1,357 @@
+"""Stage 1 -> 2 -> 3 for BraTS and ATLAS in NVFlare's simulator, each stage's global model feeding the next.
+
+::
+
+    python simulator/chain.py --out chain_out            # CPU-demo size
+    python simulator/chain.py --out /tmp/chain --tiny    # 1-2 rounds x 1 step: a smoke test (minutes)
+    python -m bsf.fl.chain --out chain_out --sites ukb=3,brats=2,atlas=2 --rounds 5 --local-steps 10
+
+Simulated sites hold synthetic data of one kind (default 2 UKB-like, 2 BraTS-like, 1 ATLAS-like),
+written once under ``<out>/data/<site>/`` and mapped to the sites by ``<out>/sites.yaml``
+(``BSF_SITE_CONFIG``). The stages run as the committed jobs do (``bsf.fl.jobs.COMMITTED_JOBS``),
+exported with this run's sizes to ``<out>/jobs/`` and started with ``nvflare simulator`` exactly as a
+user would, the previous stage's global model named by ``BSF_PRETRAINED``:
+
+=============  ==========  ====================  ===============================================
+job            sites       starts from           aggregates
+=============  ==========  ====================  ===============================================
+stage1         UKB-like    seeded init           encoder (SSL heads stay at the sites)
+stage2_brats   BraTS-like  stage1 global         encoder; channels (t1, flair) -> BraTS's 4
+stage2_atlas   ATLAS-like  stage1 global         encoder; channels (t1, flair) -> (t1)
+stage3_brats   BraTS-like  stage2_brats global   whole SwinUNETR; cross-site evaluation (Dice)
+stage3_atlas   ATLAS-like  stage2_atlas global   whole SwinUNETR; cross-site evaluation (Dice)
+=============  ==========  ====================  ===============================================
+
+Results: ``<out>/models/<job>.pt`` (each stage's ``FL_global_model.pt``), ``<out>/ws/<job>/``
+(simulator workspaces), ``<out>/logs/<job>.log``, and the report ``<out>/report/`` (``report.md``,
+``loss_curves.png``, ``dice_per_round.png``, ``overlay.png``, ``cross_site_<job>.{md,json}``,
+``chain_summary.json``). A stage that produces no global model stops the chain with the server's
+reason (e.g. a missing or incompatible previous model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from bsf.errors import BSFError
+from bsf.fl.crosssite import write_cross_site_table
+from bsf.fl.jobs import COMMITTED_JOBS, export_job
+from bsf.fl.model_init import ENV_PRETRAINED
+from bsf.fl.site import ENV_SITE_CONFIG, site_seed
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("ukb", "brats", "atlas")
+GLOBAL_MODEL = Path("app_server") / "FL_global_model.pt"
+BEST_MODEL = Path("app_server") / "best_FL_global_model.pt"
+SERVER_RUN = Path("server") / "simulate_job"
+
+
+class ChainError(BSFError):
+    """A stage of the chain did not produce its global model; the message says why and where the logs are."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    job: str          # a key of COMMITTED_JOBS
+    dataset: str      # the kind of site it runs on
+    previous: str | None  # the job whose global model it starts from
+
+    @property
+    def number(self) -> int:
+        return int(self.job[5])
+
+
+STAGES = (
+    Stage("stage1", "ukb", None),
+    Stage("stage2_brats", "brats", "stage1"),
+    Stage("stage2_atlas", "atlas", "stage1"),
+    Stage("stage3_brats", "brats", "stage2_brats"),
+    Stage("stage3_atlas", "atlas", "stage2_atlas"),
+)
+
+
+@dataclass
+class ChainConfig:
+    """Sizes and choices of one chained run (``tiny()`` and ``demo()`` are the two presets)."""
+
+    out: Path
+    sites: dict[str, int] = field(default_factory=lambda: {"ukb": 2, "brats": 2, "atlas": 1})
+    targets: tuple[str, ...] = ("brats", "atlas")  # Stage 2/3 data sets
+    subjects: int = 4          # synthetic subjects per site (one of them is the site's validation case)
+    spacing: float = 3.0       # mm; 3 mm: UKB 61x73x61, BraTS 80x80x52, ATLAS 66x78x63 voxels
+    rounds: int = 3            # Stages 1 and 2
+    stage3_rounds: int = 4
+    local_steps: int = 4
+    crops_per_volume: int = 1  # 64^3 crops per volume and step (the presets use 2)
+    threads_per_site: int = 1  # OMP threads per simulated site
+    cross_site_ssl: bool = False  # cross-site evaluation for Stages 1 and 2 too (always for Stage 3)
+    stage1_model: str | None = None  # skip Stage 1 and start Stage 2 from this model
+    timeout_s: int = 3600      # per stage
+
+    @classmethod
+    def tiny(cls, out: str | os.PathLike, **changes: Any) -> "ChainConfig":
+        """The test size: 3 subjects per site, Stages 1-2 one round of one step, Stage 3 two rounds of one step."""
+        base = dict(subjects=3, rounds=1, stage3_rounds=2, local_steps=1, crops_per_volume=1)
+        return cls(out=Path(out), **{**base, **changes})
+
+    @classmethod
+    def demo(cls, out: str | os.PathLike, **changes: Any) -> "ChainConfig":
+        return cls(out=Path(out), **changes)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out).resolve()
+        unknown = sorted(set(self.sites) - set(DATASETS))
+        if unknown:
+            raise BSFError(f"--sites: unknown data set(s) {unknown}; use {', '.join(DATASETS)}")
+        for target in self.targets:
+            if target not in ("brats", "atlas"):
+                raise BSFError(f"--targets: {target!r} is not brats or atlas")
+            if self.sites.get(target, 0) < 1:
+                raise BSFError(f"--targets {target} needs at least one {target} site (--sites {target}=N)")
+        if self.stage1_model is None and self.sites.get("ukb", 0) < 1:
+            raise BSFError("Stage 1 needs at least one ukb site (or give --stage1-model)")
+        if self.subjects < 2:
+            raise BSFError("--subjects must be >= 2 (one validation case per site)")
+        if min(self.rounds, self.stage3_rounds, self.local_steps, self.crops_per_volume) < 1:
+            raise BSFError("rounds, local steps and crops per volume must be >= 1")
+
+    def site_names(self, dataset: str) -> list[str]:
+        return [f"{dataset}-{i + 1}" for i in range(self.sites.get(dataset, 0))]
+
+    def stages(self) -> list[Stage]:
+        wanted = [s for s in STAGES if s.dataset in self.targets or s.job == "stage1"]
+        return [s for s in wanted if not (s.job == "stage1" and self.stage1_model)]
+
+
+# ----------------------------------------------------------------------------- data and sites
+def prepare_data(cfg: ChainConfig) -> dict[str, Path]:
+    """Synthesise each site's data once (seeded by the site's name); write the site map; return site -> root."""
+    from bsf.data.synth import synthesize
+
+    roots: dict[str, Path] = {}
+    entries: dict[str, Any] = {}
+    datasets = (["ukb"] if not cfg.stage1_model else []) + list(cfg.targets)
+    for dataset in datasets:
+        for site in cfg.site_names(dataset):
+            root = cfg.out / "data" / site
+            marker = root / ".complete"
+            if not marker.is_file():
+                if root.exists():
+                    shutil.rmtree(root)
+                log.info("synthesising %d %s-like subjects for %s at %g mm", cfg.subjects, dataset, site, cfg.spacing)
+                synthesize(dataset, cfg.subjects, root, spacing=cfg.spacing, seed=site_seed(site))
+                marker.write_text(f"{dataset} {cfg.subjects} {cfg.spacing}\n")
+            roots[site] = root
+            entries[site] = {"data": {"dataset": dataset, "root": str(root), "datalist": None}}
+    site_map = cfg.out / "sites.yaml"
+    site_map.write_text(
+        "# Simulated sites of this chained run (written by bsf.fl.chain): site -> its synthetic data.\n"
+        + yaml.safe_dump({"sites": entries}, sort_keys=False)
+    )
+    return roots
+
+
+# ----------------------------------------------------------------------------- one stage
+@dataclass
+class StageResult:
+    job: str
+    dataset: str
+    sites: list[str]
+    rounds: int
+    local_steps: int
+    scope: str
+    previous_model: str | None
+    seconds: float
+    run_dir: str
+    global_model: str
+    best_model: str | None
+    cross_site: dict[str, str] = field(default_factory=dict)
+
+
+def _stage_spec(cfg: ChainConfig, stage: Stage, n_sites: int):
+    base = COMMITTED_JOBS[stage.job]
+    rounds = cfg.stage3_rounds if stage.number == 3 else cfg.rounds
+    return replace(
+        base,
+        num_rounds=rounds,
+        local_steps=cfg.local_steps,
+        min_clients=n_sites,
+        cross_site_eval=stage.number == 3 or cfg.cross_site_ssl,
+        run_overrides=[*base.run_overrides, f"data.crops_per_volume={cfg.crops_per_volume}"],
+    )
+
+
+def _server_reason(log_text: str) -> str:
+    for marker in ("CANNOT START", "Aborting current RUN due to FATAL_SYSTEM_ERROR", "Error", "ERROR"):
+        lines = [line for line in log_text.splitlines() if marker in line]
+        if lines:
+            return lines[0].split(" - ", 2)[-1][:1500]
+    return "no error reported; see the log"
+
+
+def run_stage(cfg: ChainConfig, stage: Stage, previous_model: Path | None) -> StageResult:
+    """Export ``stage``'s job with this run's sizes and run it with ``nvflare simulator``; check its artifacts."""
+    sites = cfg.site_names(stage.dataset)
+    spec = _stage_spec(cfg, stage, len(sites))
+    job_dir = export_job(spec, cfg.out / "jobs")
+    workspace = cfg.out / "ws" / stage.job
+    if workspace.exists():
+        shutil.rmtree(workspace)
+    log_path = cfg.out / "logs" / f"{stage.job}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env[ENV_SITE_CONFIG] = str(cfg.out / "sites.yaml")
+    env["OMP_NUM_THREADS"] = str(cfg.threads_per_site)
+    env.pop(ENV_PRETRAINED, None)
+    if previous_model is not None:
+        env[ENV_PRETRAINED] = str(previous_model)
+    nvflare = Path(sys.executable).with_name("nvflare")
+    command = [
+        str(nvflare) if nvflare.exists() else "nvflare", "simulator", str(job_dir),
+        "-w", str(workspace), "-c", ",".join(sites), "-t", str(len(sites)),
+    ]
+    print(
+        f"[chain] {stage.job}: {len(sites)} site(s) {', '.join(sites)}, {spec.num_rounds} round(s) x {spec.local_steps} step(s), "
+        f"scope {spec.scope}" + (f", from {previous_model}" if previous_model else ""),
+        flush=True,
+    )
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=cfg.timeout_s)
+        output, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        output, code = output + f"\n[chain] timed out after {cfg.timeout_s} s", -1
+    seconds = time.perf_counter() - started
+    log_path.write_text(output)
+    run_dir = workspace / SERVER_RUN
+    global_model = run_dir / GLOBAL_MODEL
+    if not global_model.is_file():  # the simulator can exit 0 after a configuration error: check the artifact
+        raise ChainError(
+            f"{stage.job} produced no global model (exit code {code}): {_server_reason(output)}\n"
+            f"  log: {log_path}; workspace: {workspace}"
+        )
+    models = cfg.out / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    kept = models / f"{stage.job}.pt"
+    shutil.copyfile(global_model, kept)
+    best = run_dir / BEST_MODEL
+    result = StageResult(
+        job=stage.job, dataset=stage.dataset, sites=sites, rounds=spec.num_rounds, local_steps=spec.local_steps,
+        scope=spec.scope, previous_model=str(previous_model) if previous_model else None, seconds=round(seconds, 1),
+        run_dir=str(run_dir), global_model=str(kept), best_model=str(best) if best.is_file() else None,
+    )
+    if spec.cross_site_eval:
+        try:
+            json_path, md_path = write_cross_site_table(
+                run_dir, cfg.out / "report" / f"cross_site_{stage.job}", title=f"Cross-site evaluation: {stage.job}"
+            )
+            result.cross_site = {"json": str(json_path), "markdown": str(md_path)}
+        except FileNotFoundError as exc:
+            raise ChainError(f"{stage.job}: {exc}; log: {log_path}") from None
+    print(f"[chain] {stage.job}: done in {seconds:.0f} s -> {kept}", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------- the chain
+def run_chain(cfg: ChainConfig) -> dict[str, Any]:
+    """Run every stage in order and write the report; returns the summary (also ``report/chain_summary.json``)."""
+    from bsf.fl.chain_report import write_report
+
+    started = time.perf_counter()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    roots = prepare_data(cfg)
+    results: dict[str, StageResult] = {}
+    models: dict[str, Path] = {}
+    if cfg.stage1_model:
+        path = Path(cfg.stage1_model).resolve()
+        if not path.is_file():
+            raise ChainError(f"--stage1-model {path}: no such file")
+        models["stage1"] = path
+    for stage in cfg.stages():
+        previous = models[stage.previous] if stage.previous else None
+        result = run_stage(cfg, stage, previous)
+        results[stage.job] = result
+        models[stage.job] = Path(result.global_model)
+    summary: dict[str, Any] = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "sites": {site: str(root) for site, root in roots.items()},
+        "stages": {job: asdict(r) for job, r in results.items()},
+        "models": {job: str(p) for job, p in models.items()},
+    }
+    report = write_report(cfg, summary)
+    summary["report"] = {k: str(v) for k, v in report.items()}
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    path = cfg.out / "report" / "chain_summary.json"
+    path.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
+    print(f"[chain] done in {summary['seconds']:.0f} s; report: {report['markdown']}", flush=True)
+    return summary
+
+
+def _parse_sites(text: str) -> dict[str, int]:
+    sites: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, count = part.partition("=")
+        if not sep or not count.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"--sites: {part!r} is not DATASET=N")
+        sites[name.strip()] = int(count)
+    return sites
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python simulator/chain.py",
+        description="Chain Stage 1 -> 2 -> 3 (BraTS and ATLAS) in the NVFlare simulator on synthetic sites and write a report.",
+    )
+    p.add_argument("--out", required=True, help="output folder (data, jobs, workspaces, models, report)")
+    p.add_argument("--tiny", action="store_true", help="test size: 3 subjects/site, 1 round x 1 step (Stage 3: 2 rounds)")
+    p.add_argument("--sites", type=_parse_sites, help="sites per data set, e.g. ukb=2,brats=2,atlas=1 (the default)")
+    p.add_argument("--targets", help="Stage 2/3 data sets, comma-separated (default: brats,atlas)")
+    p.add_argument("--subjects", type=int, help="synthetic subjects per site")
+    p.add_argument("--spacing", type=float, help="synthetic voxel size in mm (default 3)")
+    p.add_argument("--rounds", type=int, help="rounds of Stages 1 and 2")
+    p.add_argument("--stage3-rounds", type=int, help="rounds of Stage 3")
+    p.add_argument("--local-steps", type=int, help="local steps per round (every stage)")
+    p.add_argument("--crops-per-volume", type=int, help="64^3 crops per volume and step")
+    p.add_argument("--threads-per-site", type=int, help="OMP threads per simulated site (default 1)")
+    p.add_argument("--cross-site-ssl", action="store_true", help="cross-site evaluation for Stages 1 and 2 as well")
+    p.add_argument("--stage1-model", help="skip Stage 1: start Stage 2 from this model (any layout bsf reads)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    changes: dict[str, Any] = {}
+    for name in ("sites", "subjects", "spacing", "rounds", "stage3_rounds", "local_steps", "crops_per_volume", "threads_per_site", "stage1_model"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    if args.targets:
+        changes["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    if args.cross_site_ssl:
+        changes["cross_site_ssl"] = True
+    try:
+        cfg = (ChainConfig.tiny if args.tiny else ChainConfig.demo)(args.out, **changes)
+        run_chain(cfg)
+    except BSFError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
