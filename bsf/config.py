@@ -80,6 +80,8 @@ class OptimConfig:
 @dataclass
 class FinetuneConfig:
     label_format: Literal["auto", "brats2021", "brats2023"] = "auto"  # BraTS enhancing tumour = 4 (2021) or 3 (2023+)
+    loss: Literal["dice", "dice_ce"] = "dice"  # the paper: Dice; dice_ce adds BCE, which learns faster on small lesions
+    crop: Literal["random", "pos_neg"] = "random"  # pos_neg: half the crops centred on lesion voxels
     freeze_encoder: bool = False
     encoder_lr_scale: float = 1.0
     sw_overlap: float = 0.5

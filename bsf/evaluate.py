@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from bsf.data.index import MODALITIES, absolute, case_id, read_datalist, select_modalities
@@ -232,3 +233,38 @@ def format_table(evaluation: Evaluation) -> str:
     for stat in ("mean", "std"):
         lines.append(line([stat, *(evaluation.summary["metrics"][c][stat] for c in columns[1:])]))
     return "\n".join(lines)
+
+
+def predict_validation_case(run_config: str | Path, data_root: str | Path, global_model: str | Path) -> dict[str, Any]:
+    """The first validation case of the site at ``data_root``, predicted with ``global_model`` (a Stage 3 model).
+
+    Returns ``image`` (C, X, Y, Z), ``truth`` and ``prediction`` (K, X, Y, Z) booleans, ``dice`` per region,
+    ``regions`` names and the ``dataset``.
+    """
+    from bsf.data.pipeline import load_cases
+    from bsf.engine import build_model, load_config
+    from bsf.engine.tasks import build_task
+    from bsf.metrics import dice_score
+    from bsf.model import import_weights
+
+    config = load_config(run_config, overrides=[f"data.root={data_root}", "data.datalist=null", "model.pretrained=null", "train.device=cpu"])
+    model = build_model(config)
+    report = import_weights(model, str(global_model), scope="all", strict=True)
+    log.info("overlay model: %s", report.summary().splitlines()[0])
+    model.eval()
+    task = build_task(config)
+    split = load_cases(config.data, config.seed)
+    if not split.val:
+        raise ValueError(f"{data_root}: no validation case")
+    item = task.validation_items(split.val[:1])[0]
+    with torch.no_grad():
+        probabilities = task.predict(model, item["image"].unsqueeze(0))[0]
+    prediction = (probabilities > config.finetune.threshold).numpy()
+    truth = item["label"].numpy() > 0.5
+    if config.data.dataset == "brats":
+        dice = {k.lower(): v for k, v in brats_dice(prediction, truth).items()}
+        regions = ["WT", "TC", "ET"]
+    else:
+        dice = {"lesion": dice_score(prediction[0], truth[0])}
+        regions = ["lesion"]
+    return {"image": item["image"].numpy(), "truth": truth, "prediction": prediction, "dice": dice, "regions": regions, "dataset": config.data.dataset}

@@ -78,3 +78,26 @@ def test_brats_2023_labels_are_detected_with_a_warning(caplog):
 def test_atlas_mask_with_other_values_is_refused():
     with pytest.raises(DataError, match="0/1"):
         LabelsToRegionsd("atlas")(_label_case([1, 2]))
+
+
+def test_pos_neg_crops_centre_half_the_crops_on_tumour(tmp_path):
+    from bsf.data.layouts import find_brats_cases
+    from bsf.data.pipeline import deterministic_transforms
+    from bsf.data.synth import synthesize
+    from bsf.engine.tasks import build_task
+
+    synthesize("brats", 1, tmp_path, spacing=1.5, seed=0)  # 160 x 160 x 103: most 64^3 crops miss the tumour
+    case = find_brats_cases(tmp_path)[0]
+    case = {"image": [str(tmp_path / p) for p in case["image"]], "label": str(tmp_path / case["label"])}
+    config = load_config("stage3_brats_test", ["finetune.crop=pos_neg", "finetune.loss=dice_ce", "data.crops_per_volume=32"])
+    task = build_task(config)
+    assert type(task.criterion).__name__ == "DiceCELoss"
+    volume = deterministic_transforms(config.data.roi, task.label_transform)(case)
+    transform = task.random_transforms()
+    transform.set_random_state(seed=0)
+    crops = transform(volume)
+    assert len(crops) == 32 and all(tuple(c["image"].shape[1:]) == (64, 64, 64) for c in crops)
+    # pos=1, neg=1: about half the crops are centred on a tumour (WT) voxel (+-1 voxel: flips mirror the
+    # centre): 16 of 32 here; random 64^3 crops of this 99 x 124 x 103 brain: 8 of 32.
+    centred = [bool(c["label"][1, 31:34, 31:34, 31:34].any()) for c in crops]
+    assert sum(centred) >= 13, centred

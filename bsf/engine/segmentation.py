@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceLoss
-from monai.transforms import Compose, MapTransform, RandFlipd, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd, RandSpatialCropSamplesd
+from monai.losses import DiceCELoss, DiceLoss
+from monai.transforms import Compose, MapTransform, RandFlipd, RandRotate90d, RandCropByPosNegLabeld, RandScaleIntensityd, RandShiftIntensityd, RandSpatialCropSamplesd
 from torch import nn
 
 from bsf.config import RunConfig
@@ -72,7 +72,10 @@ class SegmentationTask:
     def __init__(self, config: RunConfig):
         self.config = config
         self.dataset = config.data.dataset
-        self.criterion = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5)
+        if config.finetune.loss == "dice_ce":
+            self.criterion = DiceCELoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5)
+        else:
+            self.criterion = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5)
         et = {"brats2023": 3}.get(config.finetune.label_format, 4)
         self.label_transform = LabelsToRegionsd(self.dataset, et_label=et, detect=config.finetune.label_format == "auto")
         self.region_names = list(BRATS_REGIONS) if self.dataset == "brats" else ["lesion"]
@@ -99,11 +102,17 @@ class SegmentationTask:
         return groups
 
     def random_transforms(self) -> Compose:
-        """Random crops of ``data.roi`` (several per volume), flips, rotations and intensity jitter on image and label."""
+        """Crops of ``data.roi`` (several per volume; random, or half centred on lesion voxels), flips, rotations and
+        intensity jitter on image and label."""
         keys = ["image", "label"]
+        roi, crops = list(self.config.data.roi), self.config.data.crops_per_volume
+        if self.config.finetune.crop == "pos_neg":
+            crop = RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=crops, allow_smaller=False)
+        else:
+            crop = RandSpatialCropSamplesd(keys=keys, roi_size=roi, num_samples=crops, random_size=False)
         return Compose(
             [
-                RandSpatialCropSamplesd(keys=keys, roi_size=list(self.config.data.roi), num_samples=self.config.data.crops_per_volume, random_size=False),
+                crop,
                 RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
                 RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
                 RandFlipd(keys=keys, prob=0.5, spatial_axis=2),

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from bsf.evaluate import predict_validation_case  # noqa: E402
 from bsf.io import atomic_path  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -119,43 +120,6 @@ def plot_dice(stages: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- overlay
-def predict_validation_case(run_config: str | Path, data_root: str | Path, global_model: str | Path) -> dict[str, Any]:
-    """The first validation case of the site at ``data_root``, predicted with ``global_model`` (a Stage 3 model).
-
-    Returns ``image`` (C, X, Y, Z), ``truth`` and ``prediction`` (K, X, Y, Z) booleans, ``dice`` per region,
-    ``regions`` names and the ``dataset``.
-    """
-    import torch
-
-    from bsf.data.pipeline import load_cases
-    from bsf.engine import build_model, load_config
-    from bsf.engine.tasks import build_task
-    from bsf.metrics import brats_dice, dice_score
-    from bsf.model import import_weights
-
-    config = load_config(run_config, overrides=[f"data.root={data_root}", "data.datalist=null", "model.pretrained=null", "train.device=cpu"])
-    model = build_model(config)
-    report = import_weights(model, str(global_model), scope="all", strict=True)
-    log.info("overlay model: %s", report.summary().splitlines()[0])
-    model.eval()
-    task = build_task(config)
-    split = load_cases(config.data, config.seed)
-    if not split.val:
-        raise ValueError(f"{data_root}: no validation case")
-    item = task.validation_items(split.val[:1])[0]
-    with torch.no_grad():
-        probabilities = task.predict(model, item["image"].unsqueeze(0))[0]
-    prediction = (probabilities > config.finetune.threshold).numpy()
-    truth = item["label"].numpy() > 0.5
-    if config.data.dataset == "brats":
-        dice = {k.lower(): v for k, v in brats_dice(prediction, truth).items()}
-        regions = ["WT", "TC", "ET"]
-    else:
-        dice = {"lesion": dice_score(prediction[0], truth[0])}
-        regions = ["lesion"]
-    return {"image": item["image"].numpy(), "truth": truth, "prediction": prediction, "dice": dice, "regions": regions, "dataset": config.data.dataset}
-
-
 def _label_map(masks: np.ndarray, dataset: str) -> np.ndarray:
     """(K, X, Y) region masks -> one map: BraTS 1 = WT only, 2 = TC without ET, 3 = ET; ATLAS 3 = lesion."""
     if dataset != "brats":
