@@ -167,16 +167,10 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> None:
-    from bsf.model import normalize_checkpoint_keys, save_encoder, select_weights
+    from bsf.fl.export import export_global_encoder
 
-    source = Path(args.model)
-    if not source.is_file():
-        raise BSFError(f"model {source}: no such file")
-    encoder = select_weights(normalize_checkpoint_keys(source), "encoder")
-    if not encoder:
-        raise BSFError(f"model {source}: holds no encoder (swinViT.*) weights")
-    save_encoder(encoder, args.out)
-    print(f"wrote encoder checkpoint ({len(encoder)} tensors) to {args.out}")
+    written = export_global_encoder(args.model, args.out)
+    print(f"wrote the encoder checkpoint {written}")
 
 
 # ----------------------------------------------------- predict / evaluate / bundle
@@ -317,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(func=cmd_presets)
 
     export = sub.add_parser("export", help="write the encoder of a model/checkpoint as an encoder checkpoint for the next stage")
-    export.add_argument("--model", required=True, help="checkpoint_best.pt, FL_global_model.pt or any supported layout")
+    export.add_argument("--model", required=True, help="checkpoint_best.pt, FL_global_model.pt (or a server run folder / simulator workspace) or any supported layout")
     export.add_argument("--out", required=True)
     export.set_defaults(func=cmd_export)
 

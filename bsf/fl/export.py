@@ -20,6 +20,8 @@ def find_global_model(path: str | os.PathLike, best: bool = False) -> Path:
     path = Path(path)
     if path.is_file():
         return path
+    if not path.exists():
+        raise CheckpointError(f"model {path}: no such file or folder")
     name = GLOBAL_MODEL_FILES[1] if best else GLOBAL_MODEL_FILES[0]
     for candidate in (path / name, path / "simulate_job" / name, path / "server" / "simulate_job" / name):
         if candidate.is_file():
