@@ -244,7 +244,6 @@ def predict_validation_case(run_config: str | Path, data_root: str | Path, globa
     from bsf.data.pipeline import load_cases
     from bsf.engine import build_model, load_config
     from bsf.engine.tasks import build_task
-    from bsf.metrics import dice_score
     from bsf.model import import_weights
 
     config = load_config(run_config, overrides=[f"data.root={data_root}", "data.datalist=null", "model.pretrained=null", "train.device=cpu"])
@@ -258,13 +257,12 @@ def predict_validation_case(run_config: str | Path, data_root: str | Path, globa
         raise ValueError(f"{data_root}: no validation case")
     item = task.validation_items(split.val[:1])[0]
     with torch.no_grad():
-        probabilities = task.predict(model, item["image"].unsqueeze(0))[0]
-    prediction = (probabilities > config.finetune.threshold).numpy()
-    truth = item["label"].numpy() > 0.5
-    if config.data.dataset == "brats":
-        dice = {k.lower(): v for k, v in brats_dice(prediction, truth).items()}
-        regions = ["WT", "TC", "ET"]
-    else:
-        dice = {"lesion": dice_score(prediction[0], truth[0])}
-        regions = ["lesion"]
-    return {"image": item["image"].numpy(), "truth": truth, "prediction": prediction, "dice": dice, "regions": regions, "dataset": config.data.dataset}
+        prediction, truth = task.segment(model, item, torch.device("cpu"))
+    return {
+        "image": item["image"].numpy(),
+        "truth": truth,
+        "prediction": prediction,
+        "dice": task.dice(prediction, truth),
+        "regions": task.region_names,
+        "dataset": config.data.dataset,
+    }

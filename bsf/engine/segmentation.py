@@ -138,12 +138,18 @@ class SegmentationTask:
         return {f"val_dice_{name}": float(np.mean([d[name] for d in per_case])) for name in per_case[0]}
 
     def _case_dice(self, model: nn.Module, item: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+        prediction, truth = self.segment(model, item, device)
+        return self.dice(prediction, truth)
+
+    def segment(self, model: nn.Module, item: Mapping[str, torch.Tensor], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+        """A validation item -> thresholded prediction and truth, boolean (K, X, Y, Z) each."""
         probabilities = self.predict(model, item["image"].unsqueeze(0).to(device))[0]
-        prediction = (probabilities > self.config.finetune.threshold).cpu().numpy()
-        truth = item["label"].numpy() > 0.5
+        return (probabilities > self.config.finetune.threshold).cpu().numpy(), item["label"].numpy() > 0.5
+
+    def dice(self, prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+        """Dice per region (``tc``, ``wt``, ``et`` or ``lesion``) and ``mean``."""
         if self.dataset == "brats":
-            scores = brats_dice(prediction, truth)
-            return {name.lower(): value for name, value in scores.items()}
+            return {name.lower(): value for name, value in brats_dice(prediction, truth).items()}
         dice = dice_score(prediction[0], truth[0])
         return {"lesion": dice, "mean": dice}
 
