@@ -1,0 +1,109 @@
+"""Write a site's (or the server's) ``local/`` policies into a startup kit, and check a site config for it.
+
+Used at provisioning (:class:`bsf.deploy.builder.BSFKitBuilder`, from ``project.yml``) and by a site
+admin on a kit they received (``bsf deploy site-kit KIT --site-config sites/ukb.yaml``). The files:
+
+* ``local/resources.json``: NVFlare's ``resources.json.default`` + GPUs + this project's classes;
+* ``local/privacy.json``: the result guard (and an optional differential-privacy filter);
+* ``local/authorization.json``: BYOC jobs only from the project admin and ``lead`` users;
+* ``local/bsf_site.yaml``: the site's data configuration (validated exactly as the site will read it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from bsf.deploy.policies import authorization_policy, extend_allow_list, privacy_policy, set_gpu_resources
+from bsf.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RESOURCES = "resources.json"
+RESOURCES_DEFAULT = "resources.json.default"
+PRIVACY = "privacy.json"
+AUTHORIZATION = "authorization.json"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_resources(local: Path) -> dict[str, Any]:
+    for name in (RESOURCES, RESOURCES_DEFAULT):
+        path = local / name
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    raise ConfigError(f"{local}: neither {RESOURCES} nor {RESOURCES_DEFAULT} (is this a provisioned startup kit?)")
+
+
+def check_site_config(path: str | os.PathLike, site: str) -> str:
+    """Validate a site YAML exactly as the site's client will read it; returns a one-line summary."""
+    from bsf.fl.site import ENV_SITE_CONFIG, resolve_site
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"site config {path}: no such file")
+    setup = resolve_site(site, workspace=None, environ={ENV_SITE_CONFIG: str(path)})
+    if setup.synthetic is not None:
+        return f"{path}: no data root or datalist; the site will SYNTHESISE {setup.synthetic['subjects']} subjects"
+    return f"{path}: " + ", ".join(o for o in setup.overrides if o.startswith(("data.dataset=", "data.root=", "data.datalist=")))
+
+
+def write_client_local(
+    local: str | os.PathLike, site: str, site_config: str | os.PathLike | None = None,
+    num_gpus: int | None = None, gpu_mem_gib: float | None = None, dp: str = "none",
+) -> list[Path]:
+    """Write a client kit's ``local/`` policies (see module docstring); returns the files written."""
+    local = Path(local)
+    if not local.is_dir():
+        raise ConfigError(f"{local}: no such folder (expected a startup kit's local/ folder)")
+    resources = extend_allow_list(_read_resources(local))
+    if num_gpus is not None:
+        resources = set_gpu_resources(resources, num_gpus, gpu_mem_gib or 0)
+    written = [local / RESOURCES, local / PRIVACY, local / AUTHORIZATION]
+    _write_json(local / RESOURCES, resources)
+    _write_json(local / PRIVACY, privacy_policy(dp))
+    _write_json(local / AUTHORIZATION, authorization_policy())
+    if site_config is not None:
+        from bsf.fl.site import LOCAL_SITE_FILE
+
+        log.info("site %s: %s", site, check_site_config(site_config, site))
+        shutil.copyfile(site_config, local / LOCAL_SITE_FILE)
+        written.append(local / LOCAL_SITE_FILE)
+    return written
+
+
+def write_server_local(local: str | os.PathLike, heartbeat_timeout: float | None = None) -> list[Path]:
+    """Write the server kit's ``local/resources.json``: this project's classes, optionally the client heartbeat timeout."""
+    local = Path(local)
+    resources = extend_allow_list(_read_resources(local))
+    if heartbeat_timeout is not None:
+        for server in resources.get("servers", []):
+            server["heart_beat_timeout"] = heartbeat_timeout
+    _write_json(local / RESOURCES, resources)
+    return [local / RESOURCES]
+
+
+def prepare_site_kit(kit: str | os.PathLike, site_config: str | os.PathLike, num_gpus: int = 0,
+                     gpu_mem_gib: float = 0, dp: str = "none") -> list[Path]:
+    """A site admin's step: make a received startup kit this project's site, with its data configuration."""
+    kit = Path(kit)
+    fed_client = kit / "startup" / "fed_client.json"
+    if not fed_client.is_file():
+        raise ConfigError(f"{kit}: not a client startup kit (no startup/fed_client.json)")
+    site = kit.name
+    try:
+        site = json.loads(fed_client.read_text())["client"].get("fqsn") or site
+    except (json.JSONDecodeError, KeyError, TypeError):
+        pass
+    return write_client_local(kit / "local", site, site_config, num_gpus, gpu_mem_gib, dp)
