@@ -7,8 +7,8 @@ Layout written::
     DIR/models/model.pt          the network's state_dict (MONAI SwinUNETR keys)
     DIR/docs/README.md           how to run it
 
-``inference.json`` reproduces ``bsf predict``: LoadImaged -> Orientationd RAS -> CropForegroundd -> NormalizeIntensityd (brain, per
-channel) -> SpatialPadd(roi); SlidingWindowInferer (roi, overlap, Gaussian); sigmoid,
+``inference.json`` reproduces ``bsf predict``: LoadImaged -> the training preprocessing of ``data.transforms`` (by default
+Orientationd RAS -> CropForegroundd -> NormalizeIntensityd (brain, per channel)) -> SpatialPadd(roi); SlidingWindowInferer (roi, overlap, Gaussian); sigmoid,
 threshold, regions -> labels (BraTS 1/2/4 or 3, ATLAS 0/1); Invertd back to the input's grid; SaveImaged with
 the input's affine. It needs no pytorch-ignite: ``run`` is a plain loop over the dataset. Run it with::
 
@@ -30,6 +30,7 @@ import nibabel
 import numpy as np
 import torch
 
+from bsf.data.transforms import preprocessing_steps
 from bsf.errors import DataError
 from bsf.io import atomic_path, atomic_torch_save, atomic_write_json
 from bsf.model import get_size
@@ -94,10 +95,8 @@ def inference_config(finetuned: FinetunedModel) -> dict[str, Any]:
             "_target_": "Compose",
             "transforms": [
                 {"_target_": "LoadImaged", "keys": "image", "ensure_channel_first": True, "image_only": True},
-                {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
-                {"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "allow_smaller": True},
-                {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True},
-                {"_target_": "SpatialPadd", "keys": "image", "spatial_size": roi},
+                # the training preprocessing (data.transforms), step for step
+                *({"_target_": name, **kwargs} for name, kwargs in preprocessing_steps(config.data)),
                 {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
             ],
         },

@@ -7,7 +7,9 @@ Overrides use dotted paths: ``train.steps=200 data.root=/data/ukb``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ import yaml
 
 from bsf.errors import ConfigError
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class ModelConfig:
@@ -31,6 +34,73 @@ class ModelConfig:
     # its input channels adapted by modality name from pretrained_modalities to data.modalities
     pretrained: str | None = None
     pretrained_modalities: list[str] = field(default_factory=lambda: ["t1", "flair"])
+
+
+@dataclass
+class NormalizeConfig:
+    """Intensity normalisation of the image channels, after the foreground crop (MRI: never a CT window).
+
+    ``zscore_nonzero``: MONAI ``NormalizeIntensityd(nonzero=True, channel_wise=True)``, each channel's brain
+    voxels (!= 0) to mean 0, std 1. ``percentile``: ``ScaleIntensityRangePercentilesd(channel_wise=True)``,
+    each channel's ``lower``/``upper`` percentiles to ``b_min``/``b_max`` (``clip`` clips outside).
+    ``none``: the file's intensities.
+    """
+
+    method: Literal["zscore_nonzero", "percentile", "none"] = "zscore_nonzero"
+    lower: float = 0.5
+    upper: float = 99.5
+    b_min: float = 0.0
+    b_max: float = 1.0
+    clip: bool = False
+
+
+@dataclass
+class CropConfig:
+    """How each loaded volume is cut into ``data.crops_per_volume`` training crops of ``data.roi``.
+
+    ``random``: MONAI ``RandSpatialCropSamplesd``, uniform positions. ``pos_neg`` (fine-tuning only):
+    ``RandCropByPosNegLabeld``, crop centres on lesion voxels and on other voxels in the ratio ``pos``:``neg``.
+    """
+
+    mode: Literal["random", "pos_neg"] = "random"
+    pos: float = 1.0
+    neg: float = 1.0
+
+
+@dataclass
+class AugmentConfig:
+    """Fine-tuning augmentation of every crop (image and label together; SSL makes its own views instead).
+
+    In this order: ``RandFlipd`` per spatial axis with ``flip_prob[axis]``; ``RandRotate90d`` in the first two
+    spatial axes with ``rotate90_prob`` (null: 0.25 for ATLAS, the paper's random rotation, else 0);
+    ``RandScaleIntensityd`` (image x (1 + U(-f, f))) and ``RandShiftIntensityd`` (image + U(-o, o)).
+    """
+
+    flip_prob: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    rotate90_prob: float | None = None
+    scale_intensity_prob: float = 1.0
+    scale_intensity_factor: float = 0.1
+    shift_intensity_prob: float = 1.0
+    shift_intensity_offset: float = 0.1
+
+
+@dataclass
+class TransformsConfig:
+    """Preprocessing (deterministic, cached) and augmentation (per crop) of one data set in one stage.
+
+    Deterministic, in this order: load -> ``orientation`` (axis codes, e.g. RAS; null keeps the file's) ->
+    ``spacing`` (resample to [x, y, z] mm, bilinear image / nearest label; null keeps the grid) -> crop to
+    the foreground (voxels > 0, plus ``foreground_margin``) when ``foreground_crop`` -> ``normalize`` ->
+    pad to ``data.roi``. Random: ``crop`` then (fine-tuning) ``augment``. Defaults: the paper's pipeline.
+    """
+
+    orientation: str | None = "RAS"
+    spacing: list[float] | None = None
+    foreground_crop: bool = True
+    foreground_margin: int = 0
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    crop: CropConfig = field(default_factory=CropConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -54,6 +124,8 @@ class DataConfig:
     check: Literal["header", "full"] = "full"
     # leave out (and log) cases that fail the check instead of refusing to start
     skip_broken: bool = False
+    # preprocessing and augmentation: orientation, spacing, foreground crop, normalisation, crop mode, augmentation
+    transforms: TransformsConfig = field(default_factory=TransformsConfig)
 
 
 @dataclass
@@ -81,7 +153,6 @@ class OptimConfig:
 class FinetuneConfig:
     label_format: Literal["auto", "brats2021", "brats2023"] = "auto"  # BraTS enhancing tumour = 4 (2021) or 3 (2023+)
     loss: Literal["dice", "dice_ce"] = "dice"  # the paper: Dice; dice_ce adds BCE, which learns faster on small lesions
-    crop: Literal["random", "pos_neg"] = "random"  # pos_neg: half the crops centred on lesion voxels
     freeze_encoder: bool = False
     encoder_lr_scale: float = 1.0
     sw_overlap: float = 0.5
@@ -93,6 +164,7 @@ class FinetuneConfig:
 class TrainConfig:
     steps: int = 100
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the training forward (minutes of compiling on a CPU; see benchmarks/RESULTS.md)
     val_every: int = 0
     log_every: int = 1
     checkpoint_every: int = 0
@@ -145,9 +217,22 @@ def load_config(source: str | Path | Mapping[str, Any] | None = None, overrides:
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value))
-    config = _build(RunConfig, raw, "")
+    config = _build(RunConfig, _upgrade(raw), "")
     validate(config)
     return config
+
+
+def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with keys of older configs (kept in checkpoints and summaries) moved to where they live now:
+    ``finetune.crop`` -> ``data.transforms.crop.mode``."""
+    finetune = raw.get("finetune")
+    if not isinstance(finetune, Mapping) or "crop" not in finetune:
+        return raw
+    raw = copy.deepcopy(raw)
+    mode = raw["finetune"].pop("crop")
+    log.warning("config key finetune.crop is now data.transforms.crop.mode; read as data.transforms.crop.mode=%s", mode)
+    _set_dotted(raw, "data.transforms.crop.mode", mode)
+    return raw
 
 
 def _read_yaml(source: str | Path) -> dict[str, Any]:
@@ -256,6 +341,42 @@ def validate(config: RunConfig) -> None:
         (config.train.steps >= 0, "train.steps must be >= 0"),
         (config.schedule_steps >= 1, "optim.total_steps must be >= 1"),
     ]
-    for ok, message in checks:
+    for ok, message in [*checks, *_transforms_checks(config)]:
         if not ok:
             raise ConfigError(message)
+
+
+def _transforms_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """Range and consistency checks of ``data.transforms``: (ok, message naming the key)."""
+    t = config.data.transforms
+    key = "data.transforms"
+    axes = [{"L", "R"}, {"P", "A"}, {"I", "S"}]
+    codes = t.orientation or ""
+    norm, crop, aug = t.normalize, t.crop, t.augment
+    probabilities = [(f"augment.flip_prob[{i}]", p) for i, p in enumerate(aug.flip_prob)] + [
+        ("augment.rotate90_prob", aug.rotate90_prob or 0.0),
+        ("augment.scale_intensity_prob", aug.scale_intensity_prob),
+        ("augment.shift_intensity_prob", aug.shift_intensity_prob),
+    ]
+    # percentile settings changed from their defaults (an error unless the method is percentile)
+    stray = [f.name for f in dataclasses.fields(norm) if f.name != "method" and getattr(norm, f.name) != getattr(NormalizeConfig(), f.name)]
+    return [
+        (t.orientation is None or (len(codes) == 3 and all(sum(c in a for c in codes) == 1 for a in axes)),
+         f"{key}.orientation: {t.orientation!r} must be 3 axis codes, one of L/R, P/A, I/S each (e.g. RAS), or null"),
+        (t.spacing is None or (len(t.spacing) == 3 and all(v > 0 for v in t.spacing)),
+         f"{key}.spacing must be 3 positive sizes in mm, or null"),
+        (t.foreground_margin >= 0, f"{key}.foreground_margin must be >= 0"),
+        (t.foreground_crop or t.foreground_margin == 0, f"{key}.foreground_margin needs foreground_crop: true"),
+        (norm.method == "percentile" or not stray, f"{key}.normalize.{stray[0] if stray else ''} applies to method percentile only"),
+        (0 <= norm.lower < norm.upper <= 100, f"{key}.normalize: need 0 <= lower < upper <= 100"),
+        (norm.b_min < norm.b_max, f"{key}.normalize: need b_min < b_max"),
+        (crop.mode == "pos_neg" or (crop.pos, crop.neg) == (1.0, 1.0), f"{key}.crop.pos/neg apply to mode pos_neg only"),
+        (crop.mode == "random" or config.stage == "finetune", f"{key}.crop.mode pos_neg needs labels: stage finetune"),
+        (crop.pos >= 0 and crop.neg >= 0 and crop.pos + crop.neg > 0, f"{key}.crop: pos and neg must be >= 0, not both 0"),
+        (config.stage == "finetune" or aug == AugmentConfig(),
+         f"{key}.augment applies to stage finetune only (SSL makes its own rotated, corrupted views)"),
+        (len(aug.flip_prob) == 3, f"{key}.augment.flip_prob needs one probability per spatial axis (3)"),
+        *((0 <= p <= 1, f"{key}.{name} must be in [0, 1]") for name, p in probabilities),
+        (aug.scale_intensity_factor >= 0, f"{key}.augment.scale_intensity_factor must be >= 0"),
+        (aug.shift_intensity_offset >= 0, f"{key}.augment.shift_intensity_offset must be >= 0"),
+    ]

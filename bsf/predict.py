@@ -2,14 +2,15 @@
 
 The route from input files to a label map in the input's own grid::
 
-    NIfTI files (model's modality order) --deterministic training transforms, no label-->
-        Orientation RAS -> z-score (brain, per channel) -> crop to the brain -> pad to the ROI
+    NIfTI files (model's modality order) --deterministic training transforms (data.transforms), no label-->
+        by default orientation RAS -> crop to the brain -> z-score (brain, per channel) -> pad to the ROI
     --sliding-window inference (data.roi, finetune.sw_overlap, Gaussian blending)--> sigmoid probabilities
     --threshold finetune.threshold--> regions (BraTS TC, WT, ET; ATLAS lesion)
     --regions_to_labels--> label map (BraTS 0/1/2/4, or 3 for ET with 2023+ naming; ATLAS 0/1)
     --MONAI inverse of pad, crop and orientation--> the input's shape, written with the input's affine and header.
 
-Crop, pad and reorientation move voxels without interpolation, so the inversion is exact.
+Crop, pad and reorientation move voxels without interpolation, so the inversion is exact (a ``data.transforms.spacing``
+resample is inverted by nearest-neighbour interpolation).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import Compose, EnsureTyped, InvertibleTransform, Invertd, NormalizeIntensityd
+from monai.transforms import Compose, EnsureTyped, InvertibleTransform, Invertd
 from torch import nn
 
-from bsf.config import RunConfig, load_config
+from bsf.config import DataConfig, RunConfig, load_config
 from bsf.data.pipeline import CheckedLoadd, CompactImaged, as_data_error, deterministic_transforms
+from bsf.data.transforms import INTENSITY_ONLY
 from bsf.engine.engine import resolve_device
 from bsf.engine.tasks import input_modalities
 from bsf.errors import CheckpointError, ConfigError, DataError
@@ -311,14 +313,14 @@ def check_grids(files: Sequence[Path]) -> nib.spatialimages.SpatialImage:
 
 
 # -------------------------------------------------------------------------------------- inference
-def inference_transforms(roi: Sequence[int]) -> Compose:
+def inference_transforms(data: DataConfig) -> Compose:
     """The training pipeline's deterministic transforms (:func:`bsf.data.pipeline.deterministic_transforms`, no label)
     minus its final tensor conversions, so that each spatial step stays recorded and can be inverted."""
     kept = []
-    for transform in deterministic_transforms(roi).transforms:
+    for transform in deterministic_transforms(data).transforms:
         if isinstance(transform, (EnsureTyped, CompactImaged)):
             continue
-        if not isinstance(transform, (CheckedLoadd, InvertibleTransform, NormalizeIntensityd)):
+        if not isinstance(transform, (CheckedLoadd, InvertibleTransform, *INTENSITY_ONLY)):
             # a new step in the training pipeline must be invertible (or intensity-only) for predictions to map back
             raise TypeError(f"cannot invert the training transform {type(transform).__name__} for prediction")
         kept.append(transform)
@@ -377,7 +379,7 @@ def predict_case(
     case = inputs if isinstance(inputs, CaseInputs) else resolve_inputs(inputs, finetuned.config)
     reference = check_grids(case.files)
     config = finetuned.config
-    transform = inference_transforms(config.data.roi)
+    transform = inference_transforms(config.data)
     image_entry: str | list[str] = [str(f) for f in case.files] if len(case.files) > 1 else str(case.files[0])
     try:
         data = transform({"image": image_entry})

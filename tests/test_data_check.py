@@ -21,14 +21,14 @@ from bsf.data.check import check_cases, expected_labels
 from bsf.data.index import index_dataset, read_datalist
 from bsf.data.pipeline import SampleStream, load_cases
 from bsf.data.synth import synthesize
-from monai.transforms import Compose, RandSpatialCropSamplesd
+from bsf.data.transforms import random_transforms
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = {name: REPO / "sites" / f"{name}.yaml" for name in ("ukb", "brats", "atlas")}
 
 
-def _crops(cfg) -> Compose:
-    return Compose([RandSpatialCropSamplesd(keys="image", roi_size=list(cfg.roi), num_samples=cfg.crops_per_volume, random_size=False)])
+def _crops(cfg):
+    return random_transforms(cfg, with_label=False)
 
 
 @pytest.fixture(scope="module")

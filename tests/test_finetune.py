@@ -89,10 +89,10 @@ def test_pos_neg_crops_centre_half_the_crops_on_tumour(tmp_path):
     synthesize("brats", 1, tmp_path, spacing=1.5, seed=0)  # 160 x 160 x 103: most 64^3 crops miss the tumour
     case = find_brats_cases(tmp_path)[0]
     case = {"image": [str(tmp_path / p) for p in case["image"]], "label": str(tmp_path / case["label"])}
-    config = load_config("stage3_brats_test", ["finetune.crop=pos_neg", "finetune.loss=dice_ce", "data.crops_per_volume=32"])
+    config = load_config("stage3_brats_test", ["data.transforms.crop.mode=pos_neg", "finetune.loss=dice_ce", "data.crops_per_volume=32"])
     task = build_task(config)
     assert type(task.criterion).__name__ == "DiceCELoss"
-    volume = deterministic_transforms(config.data.roi, task.label_transform)(case)
+    volume = deterministic_transforms(config.data, task.label_transform)(case)
     transform = task.random_transforms()
     transform.set_random_state(seed=0)
     crops = transform(volume)

@@ -17,20 +17,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
-from monai.transforms import (
-    CenterSpatialCropd,
-    Compose,
-    CropForegroundd,
-    EnsureTyped,
-    LoadImaged,
-    NormalizeIntensityd,
-    Orientationd,
-    SpatialPadd,
-    Transform,
-)
+from monai.transforms import CenterSpatialCropd, Compose, EnsureTyped, LoadImaged, Transform
 from torch.utils.data import DataLoader, Sampler
 
 from bsf.data.index import FINDERS, MODALITIES, absolute, read_datalist, select_modalities
+from bsf.data.transforms import build_steps, preprocessing_steps, steps_key
 from bsf.config import DataConfig
 from bsf.errors import DataError
 
@@ -185,27 +176,28 @@ def as_data_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def deterministic_transforms(roi: Sequence[int], label_transform: Transform | None = None) -> Compose:
-    """Load all modalities as channels, orient to RAS, crop to the brain, z-score it per channel, pad to ``roi``.
+def deterministic_transforms(cfg: DataConfig, label_transform: Transform | None = None) -> Compose:
+    """Load all modalities as channels, then ``data.transforms``' deterministic steps (by default: orient to RAS,
+    crop to the brain, z-score it per channel), pad to ``data.roi``.
 
     Output ``image``: float32 tensor (C, X, Y, Z) with every side >= the ROI side. With a
     ``label_transform`` the case's ``label`` is loaded too, converted by it right after loading
-    (e.g. BraTS labels -> TC/WT/ET channels), and cropped and padded with the image.
+    (e.g. BraTS labels -> TC/WT/ET channels), and moved with the image.
     """
-    keys = ["image", "label"] if label_transform is not None else ["image"]
+    keys = _keys(label_transform)
     return Compose(
         [
             CheckedLoadd(with_label=label_transform is not None),
             *([label_transform] if label_transform is not None else []),
-            Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            # crop before z-scoring: the foreground test (> 0) needs the raw, brain-extracted intensities
-            CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
-            NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-            SpatialPadd(keys=keys, spatial_size=list(roi)),
+            *build_steps(preprocessing_steps(cfg, keys)),
             EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
             CompactImaged(keys),
         ]
     )
+
+
+def _keys(label_transform: Transform | None) -> list[str]:
+    return ["image", "label"] if label_transform is not None else ["image"]
 
 
 class CompactImaged(Transform):
@@ -224,15 +216,27 @@ class CompactImaged(Transform):
         return out
 
 
-#: bump when deterministic_transforms changes: persistent cache entries of older versions are not reused
-PREPROCESS_VERSION = 3
+#: bump when the code of deterministic_transforms changes (its settings are in the cache key already):
+#: persistent cache entries of older versions are not reused
+PREPROCESS_VERSION = 4
 
 
-def persistent_dataset(cases: list[Case], transform: Compose, cache_dir: str, roi: Sequence[int]) -> Dataset:
+def preprocessing_key(cfg: DataConfig, label_transform: Transform | None = None) -> str:
+    """What a preprocessed volume depends on besides its files: :data:`PREPROCESS_VERSION`, every deterministic
+    ``data.transforms`` setting and the ROI (as :func:`bsf.data.transforms.preprocessing_steps`), and the label
+    conversion (none for SSL, whose cached volumes carry no label)."""
+    label = "none"
+    if label_transform is not None:
+        settings = {k: v for k, v in sorted(vars(label_transform).items()) if isinstance(v, (str, int, float, bool))}
+        label = f"{type(label_transform).__name__}{settings}"
+    return f"v{PREPROCESS_VERSION}|{steps_key(preprocessing_steps(cfg, _keys(label_transform)))}|label={label}"
+
+
+def persistent_dataset(cases: list[Case], transform: Compose, cache_dir: str, key: str) -> Dataset:
     """MONAI ``PersistentDataset``: each case's preprocessed volume is written once to ``cache_dir`` as a .pt file.
 
-    The cache key hashes the case entry, each file's size and modification time, the ROI and
-    :data:`PREPROCESS_VERSION`, so a replaced file or changed preprocessing gets a new entry.
+    The cache entry's name hashes the case entry, each file's size and modification time, and ``key``
+    (:func:`preprocessing_key`), so a replaced file or a changed setting gets a new entry.
     Size: the float32 volume after the foreground crop (BraTS ~70 MB a case, 143 MB uncropped).
     """
     if not cache_dir:
@@ -242,7 +246,7 @@ def persistent_dataset(cases: list[Case], transform: Compose, cache_dir: str, ro
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"data.cache_dir {folder}: cannot create ({exc.strerror or exc})") from None
-    stamped = [{**case, "_stamp": f"v{PREPROCESS_VERSION}|roi={list(roi)}|{_stamp(case)}"} for case in cases]
+    stamped = [{**case, "_stamp": f"{key}|{_stamp(case)}"} for case in cases]
     return PersistentDataset(stamped, transform, cache_dir=folder)
 
 
@@ -268,12 +272,12 @@ class SampleStream(torch.utils.data.Dataset):
     def __init__(self, cases: list[Case], cfg: DataConfig, seed: int, random_transform: Compose, label_transform: Transform | None = None):
         self.seed = seed
         self.n_cases = len(cases)
-        base = deterministic_transforms(cfg.roi, label_transform)
+        base = deterministic_transforms(cfg, label_transform)
         try:
             if cfg.cache == "memory":
                 self.volumes: Dataset = CacheDataset(cases, base, cache_rate=1.0, num_workers=max(cfg.num_workers, 1), progress=False)
             elif cfg.cache == "persistent":
-                self.volumes = persistent_dataset(cases, base, cfg.cache_dir, cfg.roi)
+                self.volumes = persistent_dataset(cases, base, cfg.cache_dir, preprocessing_key(cfg, label_transform))
             else:
                 self.volumes = Dataset(cases, base)
         except RuntimeError as exc:
@@ -337,7 +341,7 @@ def train_loader(stream: SampleStream, sampler: StepSampler, num_workers: int) -
 
 def validation_volumes(cases: list[Case], cfg: DataConfig, label_transform: Transform | None = None) -> list[Case]:
     """Each validation case preprocessed like training data, uncropped: ``{"image": (C, X, Y, Z)[, "label"]}``."""
-    transform = deterministic_transforms(cfg.roi, label_transform)
+    transform = deterministic_transforms(cfg, label_transform)
     try:
         return [transform(case) for case in cases]
     except RuntimeError as exc:

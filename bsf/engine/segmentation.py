@@ -10,11 +10,12 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceLoss
-from monai.transforms import Compose, MapTransform, RandFlipd, RandRotate90d, RandCropByPosNegLabeld, RandScaleIntensityd, RandShiftIntensityd, RandSpatialCropSamplesd
+from monai.transforms import Compose, MapTransform
 from torch import nn
 
 from bsf.config import RunConfig
 from bsf.data.pipeline import validation_volumes
+from bsf.data.transforms import random_transforms
 from bsf.errors import DataError
 from bsf.metrics import BRATS_REGIONS, brats_dice, brats_regions, dice_score
 from bsf.model import build_swin_unetr
@@ -102,25 +103,9 @@ class SegmentationTask:
         return groups
 
     def random_transforms(self) -> Compose:
-        """Crops of ``data.roi`` (several per volume; random, or half centred on lesion voxels), flips, rotations and
-        intensity jitter on image and label."""
-        keys = ["image", "label"]
-        roi, crops = list(self.config.data.roi), self.config.data.crops_per_volume
-        if self.config.finetune.crop == "pos_neg":
-            crop = RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=crops, allow_smaller=False)
-        else:
-            crop = RandSpatialCropSamplesd(keys=keys, roi_size=roi, num_samples=crops, random_size=False)
-        return Compose(
-            [
-                crop,
-                RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
-                RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
-                RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
-                RandRotate90d(keys=keys, prob=0.25 if self.dataset == "atlas" else 0.0, spatial_axes=(0, 1)),
-                RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
-                RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
-            ]
-        )
+        """Crops of ``data.roi`` (``data.transforms.crop``: random, or centred on lesion voxels) and the
+        ``data.transforms.augment`` flips, rotations and intensity jitter, on image and label."""
+        return random_transforms(self.config.data, with_label=True)
 
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``batch["image"]`` (N, C, *roi), ``batch["label"]`` (N, K, *roi) -> Dice loss."""

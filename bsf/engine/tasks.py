@@ -6,12 +6,13 @@ import logging
 from typing import Any, Mapping, Protocol
 
 import torch
-from monai.transforms import Compose, RandSpatialCropSamplesd, Transform
+from monai.transforms import Compose, Transform
 from torch import nn
 
 from bsf.config import RunConfig
 from bsf.data.index import MODALITIES
 from bsf.data.pipeline import validation_crops
+from bsf.data.transforms import random_transforms
 from bsf.model import SSLModel
 from bsf.model.pretrained import load_pretrained_encoder
 from bsf.ssl import CorruptionConfig, SSLLoss, make_ssl_views
@@ -79,8 +80,8 @@ class SSLTask:
         return [{"params": list(model.parameters())}]
 
     def random_transforms(self) -> Compose:
-        data = self.config.data
-        return Compose([RandSpatialCropSamplesd(keys="image", roi_size=list(data.roi), num_samples=data.crops_per_volume, random_size=False)])
+        """``data.crops_per_volume`` crops of ``data.roi`` per volume (``data.transforms.crop``), no augmentation."""
+        return random_transforms(self.config.data, with_label=False)
 
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``batch["image"]``: (N, C, *roi) crops -> total loss and its unweighted parts."""
