@@ -358,27 +358,6 @@ def simulate(
     return workspace / spec.name / "server" / "simulate_job"
 
 
-def demo_federation(out: str | os.PathLike, n_sites: int = 2, spec: JobSpec | None = None) -> dict[str, Path]:
-    """Stage 1 as an ``n_sites`` federation in the simulator (``make demo``); returns where things are.
-
-    Sites without a configuration synthesise their own small data sets (see :mod:`bsf.fl.site`).
-    """
-    spec = spec or COMMITTED_JOBS["stage1"]
-    run_dir = simulate(spec, Path(out) / "fl", n_clients=n_sites)
-    paths = {
-        "global_model": run_dir / "app_server" / "FL_global_model.pt",
-        "best_global_model": run_dir / "app_server" / "best_FL_global_model.pt",
-        "tensorboard": run_dir / "tb_events",
-        "metrics": run_dir / "bsf_metrics.json",
-        "rounds": run_dir / "bsf_rounds.jsonl",
-        "cross_site": run_dir / "cross_site_val" / "cross_val_results.json",
-    }
-    missing = [str(p) for key, p in paths.items() if key != "cross_site" and not p.exists()]
-    if missing:
-        raise RuntimeError(f"the federation finished without producing {missing}; see the logs under {run_dir.parent}")
-    return paths
-
-
 def _spec_from_args(args: argparse.Namespace, base: JobSpec) -> JobSpec:
     changes = {}
     for name in ("num_rounds", "local_steps", "min_clients", "scope", "transfer", "transfer_dtype", "weigh_by", "initial_ckpt", "pretrained"):
