@@ -10,7 +10,8 @@ Prints
   and the fixed start-up/shut-down cost;
 - whether the federation reproduced the centralized run (max |weight diff|, max |loss diff|);
 - bytes sent per round per site (model down + update up) for encoder-only vs whole-model
-  aggregation, in float32 and with a float16 upload (``--transfer-dtype float16``).
+  aggregation, in float32 and with a float16 upload (``--transfer-dtype float16``), from
+  ``bsf.bench.comm.payload_rows`` (``bsf bench --only comm`` also checks float16 convergence).
 
 Numbers, not assertions: timings depend on the machine.
 """
@@ -46,21 +47,6 @@ def round_times(log: str) -> list[tuple[float, float]]:
         elif last is not None and ((" started." in line and "Round " in line) or "Finished FedAvg." in line):
             marks.append(last)
     return list(zip(marks[:-1], marks[1:]))
-
-
-def payload_table(sizes: list[str], in_channels: int) -> list[dict]:
-    from bsf.engine import load_config
-    from bsf.fl.model_init import initial_weights
-
-    rows = []
-    for size in sizes:
-        cfg = load_config("stage1_test", overrides=[f"model.size={size}", f"model.in_channels={in_channels}"])
-        full = initial_weights(cfg, "all")
-        enc = {k: v for k, v in full.items() if k.startswith("swinViT.")}
-        b_all = sum(v.nbytes for v in full.values())
-        b_enc = sum(v.nbytes for v in enc.values())
-        rows.append({"size": size, "encoder_params": b_enc // 4, "all_params": b_all // 4, "encoder_f32": b_enc, "all_f32": b_all})
-    return rows
 
 
 def main(argv=None) -> int:
@@ -133,13 +119,17 @@ def main(argv=None) -> int:
         print(f"  fixed start-up + shut-down:  {t_fl - sum(round_wall):.1f} s")
     print(f"  equivalence: global encoder vs centralized max |diff| {w_err:.3g}, per-step losses max |diff| {l_err:.3g}")
 
+    from bsf.bench.comm import payload_rows
+
     print("\nBytes per round per site (global model down + update up; NVFlare message overhead not included):")
     print(f"  {'size':6} {'encoder params':>15} {'all params':>12} {'encoder f32':>12} {'enc f32 down+f16 up':>20} {'whole model f32':>16}")
-    for row in payload_table(args.sizes, 2):
-        enc, full = row["encoder_f32"], row["all_f32"]
+    for row in payload_rows():
+        if row["size"] not in args.sizes:
+            continue
+        b = row["round_bytes"]
         print(
-            f"  {row['size']:6} {row['encoder_params']:>15,} {row['all_params']:>12,} {2 * enc / 1e6:>10.2f}MB "
-            f"{(enc + enc / 2) / 1e6:>18.2f}MB {2 * full / 1e6:>14.2f}MB"
+            f"  {row['size']:6} {row['encoder_params']:>15,} {row['swin_unetr_params']:>12,} {b['encoder_f32'] / 1e6:>10.2f}MB "
+            f"{b['encoder_f32_down_f16_up'] / 1e6:>18.2f}MB {b['swin_unetr_f32'] / 1e6:>14.2f}MB"
         )
     print(f"\n(work folder: {work})")
     return 0

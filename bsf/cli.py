@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from bsf.bench.cli import add_bench_parser
 from bsf.errors import BSFError
 from bsf.experiments.cli import add_experiment_parser
 
@@ -346,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=60)
     demo.add_argument("--sites", type=int, default=2, help="simulated sites for the federated part (0 skips it)")
     demo.set_defaults(func=cmd_demo)
+    add_bench_parser(sub)
     add_experiment_parser(sub)
     return parser
 

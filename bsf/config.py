@@ -165,6 +165,7 @@ class TrainConfig:
     steps: int = 100
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the training forward (minutes of compiling on a CPU; see benchmarks/RESULTS.md)
+    attention: Literal["monai", "sdpa"] = "monai"  # sdpa: Swin window attention through scaled_dot_product_attention
     val_every: int = 0
     log_every: int = 1
     checkpoint_every: int = 0

@@ -1,12 +1,12 @@
-"""Smoke tests of benchmarks/ssl_step.py at test size on CPU: it runs, and its JSON is complete.
+"""``bsf bench`` at test size on CPU: it runs, its table and JSON are complete, speed-ups are computed
+against the reference-style run of the same process, and the fast path's loss tracks fp32.
 
-Timings are never asserted (they depend on the machine and its load); only that the numbers exist
-and are positive and finite.
+Timings are never asserted (they depend on the machine and its load); only that the numbers exist,
+are positive and finite, and are consistent with each other.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -17,79 +17,89 @@ import numpy as np
 import pytest
 import torch
 
+from bsf.bench.ssl_step import reference_aug_rand, reference_rot_rand
+from bsf.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
-SSL_STEP = ROOT / "benchmarks" / "ssl_step.py"
-
-RESULT_FIELDS = (
-    "step_s", "step_s_median", "steps_per_s", "samples_per_s", "encoder_passes_per_s",
-    "augmentation_s", "model_step_s", "model_step_encoder_passes_per_s",
-)
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("bench_ssl_step", SSL_STEP)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SSL_STEP), *args], cwd=ROOT, capture_output=True, text=True)
+def _positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
 @pytest.mark.slow
-def test_ssl_step_runs_at_test_size_and_writes_complete_json(tmp_path):
-    out = tmp_path / "ssl_step.json"
-    proc = _run(
-        "--size", "test", "--roi", "64", "--batch", "1", "--crops", "2", "--device", "cpu",
-        "--steps", "2", "--warmup", "1", "--reference", "--json", str(out),
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "enc passes/s" in proc.stdout and "speed-up of fast over reference" in proc.stdout
+def test_bench_runs_at_test_size_and_reports_speedups_against_the_reference(tmp_path, capsys):
+    code = main(["bench", "--size", "test", "--device", "cpu", "--only", "ssl_step", "finetune_step",
+                 "--steps", "1", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path)])
+    assert code == 0
+    table = capsys.readouterr().out
+    for column in ("configuration", "steps/s", "samples/s", "peak mem", "speed-up"):
+        assert column in table
+    assert (tmp_path / "bench.txt").read_text().strip() in table
 
-    report = json.loads(out.read_text())
-    assert report["benchmark"] == "ssl_step"
-    cfg = report["config"]
-    assert (cfg["size"], cfg["roi"], cfg["crops"], cfg["encoder_passes_per_step"]) == ("test", 64, 2, 4)
-    assert cfg["precision"] == "fp32" and cfg["device"] == "cpu"
-    assert cfg["parameters"] > cfg["encoder_parameters"] > 0
+    report = json.loads((tmp_path / "bench.json").read_text())
     assert report["machine"]["device"] == "cpu" and report["machine"]["torch"] == torch.__version__
+    assert report["options"]["precision"] == "fp32" and report["options"]["compile"] is False  # CPU defaults
+    assert set(report["results"]) == {"ssl_step", "finetune_step"}
+    expected = {"ssl_step": ["reference", "fast"], "finetune_step": ["reference", "fast", "fast+ckpt x2"]}
+    for bench, result in report["results"].items():
+        rows = result["rows"]
+        assert [r["name"] for r in rows] == expected[bench]
+        reference = rows[0]
+        assert reference["reference"] and reference["speedup"] == pytest.approx(1.0)
+        for row in rows:
+            for field in ("steps_per_s", "samples_per_s", "step_s_median", "speedup"):
+                assert _positive(row[field]), (bench, row["name"], field)
+            assert len(row["step_s_all"]) == 1
+            assert row["samples_per_s"] == pytest.approx(row["items_per_step"] / row["step_s_median"])
+            assert row["speedup"] == pytest.approx(row["samples_per_s"] / reference["samples_per_s"])
+            memory = row["peak_memory"]
+            assert memory["kind"] == "cpu_rss_rise" and memory["bytes"] >= memory["state_bytes"] > 0
+            assert math.isfinite(row["info"]["final_loss"])
+    ssl = report["results"]["ssl_step"]
+    assert ssl["config"]["encoder_passes_per_step"] == 4
+    assert all(r["encoder_passes_per_s"] == pytest.approx(2 * r["samples_per_s"]) for r in ssl["rows"])
+    assert all(r["info"]["augmentation_s_median"] > 0 for r in ssl["rows"])
+    ckpt = report["results"]["finetune_step"]["rows"][-1]
+    assert ckpt["items_per_step"] == 2 * reference["items_per_step"]
 
-    assert set(report["results"]) == {"fast", "reference"}
-    for name, result in report["results"].items():
-        for field in RESULT_FIELDS:
-            value = result[field]
-            assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, field, value)
-        assert len(result["step_s_all"]) == 2
-        # throughput is consistent with the step time: 4 encoder passes and 2 crops per step
-        assert result["encoder_passes_per_s"] == pytest.approx(4 / result["step_s"])
-        assert result["samples_per_s"] == pytest.approx(2 / result["step_s"])
-        assert result["peak_memory"]["kind"] == "cpu_rss_delta_one_step"
-        assert isinstance(result["peak_memory"]["bytes"], int) and result["peak_memory"]["bytes"] >= 0
-        assert result["loss_finite"]
-    assert report["results"]["reference"]["precision"] == "fp32"  # fp16 autocast only on CUDA
-    for field in ("full_step", "model_step", "augmentation"):
-        assert math.isfinite(report["speedup"][field]) and report["speedup"][field] > 0
+
+@pytest.mark.slow
+def test_bf16_autocast_loss_tracks_fp32_within_the_stated_tolerance():
+    from bsf.bench.harness import Options
+    from bsf.bench.numerics import MAX_REL_TOL, MEAN_REL_TOL, run
+    from bsf.bench.sizes import SIZES
+
+    size = SIZES["test"]
+    opts = Options(size=type(size)(**{**size.__dict__, "numerics_steps": 3}), device=torch.device("cpu"),
+                   precision="fp32", compile=False, steps=1, warmup=0, repeats=1)
+    result = run(opts)
+    assert result["config"]["fast_precision"] == "bf16"
+    assert len(result["losses_fp32"]) == len(result["losses_fast"]) == 3
+    assert result["losses_fp32"] != result["losses_fast"]  # bf16 really ran
+    assert result["max_relative_deviation"] <= MAX_REL_TOL and result["mean_relative_deviation"] <= MEAN_REL_TOL
+    assert result["within_tolerance"]
 
 
-def test_ssl_step_bad_roi_is_a_one_line_error(tmp_path):
-    proc = _run("--size", "test", "--roi", "48", "--device", "cpu", "--json", str(tmp_path / "x.json"))
+def test_bench_without_a_gpu_is_a_one_line_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = subprocess.run([sys.executable, "-m", "bsf.cli", "bench", "--device", "cuda", "--out", str(tmp_path / "o")],
+                          cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: ") and "divisible by 32" in proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "x.json").exists()
+    assert proc.stderr.startswith("error: --device cuda") and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_reference_rotation_and_corruption_follow_the_public_loop():
-    bench = _load_module()
     rng = np.random.RandomState(0)
     x = torch.rand(3, 2, 64, 64, 64)
-    views, k = bench.reference_rot_rand(x, rng)
+    views, k = reference_rot_rand(x, rng)
     assert k.dtype == torch.long and k.shape == (3,)
     for i in range(3):  # rotating back restores each crop
         assert torch.equal(torch.rot90(views[i], -int(k[i]), dims=(1, 2)), x[i])
 
     before = views.clone()
-    corrupted = bench.reference_aug_rand(views, rng)
+    corrupted = reference_aug_rand(views, rng)
     assert corrupted.shape == views.shape and not torch.equal(corrupted, views)
     assert torch.equal(views, before)  # works on a copy, like the public code

@@ -24,6 +24,7 @@ from bsf.engine.tasks import build_task
 from bsf.errors import CheckpointError
 from bsf.io import atomic_torch_save
 from bsf.model import select_weights
+from bsf.model.attention import use_sdpa_attention
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,14 @@ class Engine:
         self.device = device or resolve_device(config.train.device)
         self.task = build_task(config)
         self.model = build_model(config).to(self.device)
+        if config.train.attention == "sdpa":
+            use_sdpa_attention(self.model)
         self.train_model = self.model
         if world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        if config.train.compile:
+            self.train_model = torch.compile(self.train_model)
         self.optimizer = torch.optim.AdamW(
             self.task.parameter_groups(self.model),
             lr=config.optim.lr,
