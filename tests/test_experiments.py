@@ -57,7 +57,7 @@ def _check_folder(out: Path, plot: str, n_runs: int) -> list[dict]:
     runs = sorted((out / "runs").iterdir())
     assert len(runs) == n_runs
     for run in runs:
-        for name in ("config.yaml", "datalist.json", "metrics.json", "eval/metrics.csv", "train/checkpoint_last.pt"):
+        for name in ("config.yaml", "datalist.json", "metrics.json", "eval/metrics.csv"):
             assert (run / name).is_file(), run / name
     records = json.loads((out / "results.json").read_text())["runs"]
     assert len(records) == n_runs and all(all(math.isfinite(v) for v in r["metrics"].values()) for r in records)
@@ -136,3 +136,13 @@ def test_atlas_reports_the_four_challenge_metrics(data, tmp_path, capsys):
     rows = _table((out / "report.md").read_text(), "## ATLAS challenge metrics")
     assert rows[0] == ["arm", "Dice", "lesion-wise F1", "simple lesion count", "volume difference (mm^3)"]
     assert rows[1][0] == "scratch" and len(_numbers(rows[1][1:])) == 4
+
+
+def test_federated_runs_go_through_the_nvflare_simulator(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BSF_PRETRAINED", str(tmp_path / "must_not_be_used.pt"))  # the scratch arm ignores it
+    out = tmp_path / "atlas_fl"
+    tiny = ["--preset", "stage3_atlas_test", "train.steps=2", "data.crops_per_volume=1", "train.progress=false", "train.val_every=0"]
+    _run(["experiment", "atlas", "--root", str(data["atlas"]), "--federated", "--local-steps", "1", "--out", str(out), *tiny], capsys)
+    (record,) = _check_folder(out, "atlas_metrics.png", 1)
+    assert record["federated"] and record["model_scored"].endswith("FL_global_model.pt")
+    assert Path(record["model_scored"]).is_file() and "one-site NVFlare federation" in (out / "report.md").read_text()

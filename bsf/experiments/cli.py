@@ -60,6 +60,7 @@ def _experiment(args: argparse.Namespace, protocol: str, dataset: str, default_m
         cases=load_cases(dataset, datalist=args.datalist, root=args.root, out=out.resolve()),
         arms=make_arms(args.pretrained, modalities if args.pretrained else None, not args.no_scratch),
         checkpoint=args.checkpoint,
+        federated_local_steps=args.local_steps if args.federated else None,
     )
 
 
@@ -118,6 +119,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-scratch", action="store_true", help="leave out the from-scratch (random initialisation) arm")
     parser.add_argument("--checkpoint", choices=("last", "best"), default="last",
                         help="model scored on the held-out cases: the final one (default) or the best by validation Dice")
+    parser.add_argument("--federated", action="store_true",
+                        help="train each run as a one-site NVFlare federation in the simulator (equals centralized training)")
+    parser.add_argument("--local-steps", type=int, default=10, help="--federated: steps per round; must divide train.steps (default 10)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run, e.g. train.steps=2000")
 
 

@@ -180,6 +180,9 @@ def overview(experiment: "Experiment") -> str:
         f"- protocol: `{experiment.protocol}`; preset `{experiment.preset}`"
         + (f" with `{' '.join(experiment.overrides)}`" if experiment.overrides else ""),
         f"- cases: `{experiment.cases.path}`",
+        "- training: "
+        + (f"one-site NVFlare federation (simulator), rounds of {experiment.federated_local_steps} steps"
+           if experiment.federated_local_steps else "centralized (`bsf.train`)"),
         f"- model scored on the held-out cases: `checkpoint_{experiment.checkpoint}.pt` (by `bsf.evaluate`, each case in its own grid)",
         *(f"- arm `{arm.name}`: `{' '.join(arm.overrides)}`" for arm in experiment.arms),
         "- files: `config.yaml` (resolved base config), `experiment.json`, `results.json` (every run), "

@@ -4,7 +4,8 @@ A run lives in ``OUT/runs/<name>/``:
 
 * ``datalist.json``: its training cases and held-out (``validation``) cases, absolute paths;
 * ``config.yaml``: the resolved :class:`~bsf.config.RunConfig` (preset + experiment overrides + the run's own);
-* ``train/``: what :func:`bsf.train.train` writes (checkpoints, ``summary.json``, TensorBoard);
+* ``train/``: what :func:`bsf.train.train` writes (checkpoints, ``summary.json``, TensorBoard); with ``--federated``
+  ``fl/`` instead: the one-site NVFlare simulator workspace (:mod:`bsf.experiments.federated`);
 * ``eval/``: what :func:`bsf.evaluate.evaluate` writes for the held-out cases (``metrics.csv``, ``summary.json``);
 * ``metrics.json``: written last and atomically. It marks the run finished: a rerun of the experiment skips
   the run (after checking its config and cases are unchanged); a run folder without it is deleted and redone.
@@ -80,6 +81,7 @@ class Experiment:
     cases: ExperimentCases
     arms: list[Arm]
     checkpoint: str = "last"  # which model is scored: the final one, or the best by validation Dice
+    federated_local_steps: int | None = None  # train each run as a one-site NVFlare federation of rounds of this many steps
 
     def base_config(self) -> RunConfig:
         return load_config(self.preset, self.overrides)
@@ -119,6 +121,7 @@ def run_experiment(experiment: Experiment, plan: list[RunSpec], write_report: Ca
             "arms": {arm.name: arm.overrides for arm in experiment.arms},
             "datalist": str(experiment.cases.path),
             "checkpoint_scored": experiment.checkpoint,
+            "federated_local_steps": experiment.federated_local_steps,
             "runs": names,
         },
         out / "experiment.json",
@@ -155,12 +158,18 @@ def execute_run(experiment: Experiment, run: RunSpec, run_dir: Path, config: Run
     atomic_write_json(datalist, run_dir / DATALIST)
     _write_yaml(config.to_dict(), run_dir / CONFIG)
     started = time.perf_counter()
-    summary = train(config)
+    if experiment.federated_local_steps:
+        from bsf.experiments.federated import train_federated
+
+        models, losses = train_federated(config, run_dir / CONFIG, run_dir, experiment.federated_local_steps), []
+    else:
+        summary = train(config)
+        models = {name: Path(config.train.output_dir) / file for name, file in CHECKPOINTS.items()}
+        losses = [step["loss"] for step in summary["train"][-10:]]
     trained = time.perf_counter()
-    checkpoint = Path(config.train.output_dir) / CHECKPOINTS[experiment.checkpoint]
-    finetuned = load_finetuned(checkpoint, device=config.train.device)
+    checkpoint = models[experiment.checkpoint]
+    finetuned = load_finetuned(checkpoint, run_dir / CONFIG, device=config.train.device)
     evaluation = evaluate(finetuned, run_dir / DATALIST, split="validation", out_dir=run_dir / "eval", progress=False)
-    losses = [step["loss"] for step in summary["train"][-10:]]
     record = {
         "run": run.name,
         "labels": run.labels,
@@ -170,7 +179,8 @@ def execute_run(experiment: Experiment, run: RunSpec, run_dir: Path, config: Run
         "n_held_out": len(run.validation),
         "training_cases": ids(run.training),
         "held_out_cases": ids(run.validation),
-        "steps": summary["steps_done"],
+        "steps": config.train.steps,
+        "federated": bool(experiment.federated_local_steps),
         "final_train_loss": sum(losses) / len(losses) if losses else None,
         "model_scored": str(checkpoint),
         "seconds": {"train": round(trained - started, 1), "evaluate": round(time.perf_counter() - trained, 1)},
