@@ -183,3 +183,21 @@ def test_configs_of_older_runs_still_load() -> None:
     old = {"stage": "finetune", "data": {"dataset": "brats", "roi": ROI}, "finetune": {"crop": "pos_neg", "loss": "dice"}}
     config = load_config(old)
     assert config.data.transforms.crop.mode == "pos_neg" and old["finetune"]["crop"] == "pos_neg"
+
+
+def test_warm_persistent_reads_are_memory_mapped_and_equal(cases, tmp_path: Path, monkeypatch) -> None:
+    cfg = load_config("stage2_brats_test", ["data.roi=[64, 64, 64]", "data.cache=persistent", f"data.cache_dir={tmp_path}"]).data
+    case = [{"image": cases["brats"]["image"]}]
+    cold = SampleStream(case, cfg, 0, random_transforms(cfg, False))[3]
+    calls = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("mmap")) or load(*a, **k))
+    warm = SampleStream(case, cfg, 0, random_transforms(cfg, False))[3]
+    assert calls == [True]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(cold, warm))
+    # a corrupt entry is still recomputed by MONAI's own path
+    entry = next(tmp_path.glob("*.pt"))
+    entry.write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match="Corrupt cache file"):
+        again = SampleStream(case, cfg, 0, random_transforms(cfg, False))[3]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(cold, again))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -247,7 +248,26 @@ def persistent_dataset(cases: list[Case], transform: Compose, cache_dir: str, ke
     except OSError as exc:
         raise DataError(f"data.cache_dir {folder}: cannot create ({exc.strerror or exc})") from None
     stamped = [{**case, "_stamp": f"{key}|{_stamp(case)}"} for case in cases]
-    return PersistentDataset(stamped, transform, cache_dir=folder)
+    return MappedPersistentDataset(stamped, transform, cache_dir=folder)
+
+
+class MappedPersistentDataset(PersistentDataset):
+    """MONAI ``PersistentDataset`` that memory-maps a cache hit (``torch.load(mmap=True)``) instead of reading it whole.
+
+    The random crops that follow then copy only the voxels they cover, from the page cache, and no whole-volume
+    buffer is allocated per read: 1.5x faster warm reads of UKB-size volumes, same values (benchmarks/RESULTS.md).
+    Anything else (a miss, an unreadable file) goes through MONAI's own path, which writes or rewrites the entry.
+    """
+
+    def _cachecheck(self, item_transformed: Case) -> Any:
+        # MONAI's entry name: hash of the item + hash of the transforms (a different naming only costs the speed-up)
+        hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
+        if hashfile.is_file():
+            try:
+                return torch.load(hashfile, weights_only=self.weights_only, mmap=True)
+            except (pickle.UnpicklingError, RuntimeError):
+                pass  # MONAI's path below deletes and recomputes a corrupt entry
+        return super()._cachecheck(item_transformed)
 
 
 def _stamp(case: Case) -> str:
