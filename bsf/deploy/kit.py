@@ -84,14 +84,19 @@ def write_client_local(
 
 
 def write_server_local(local: str | os.PathLike, heartbeat_timeout: float | None = None) -> list[Path]:
-    """Write the server kit's ``local/resources.json``: this project's classes, optionally the client heartbeat timeout."""
+    """The server kit's resources: this project's classes, optionally the client heartbeat timeout.
+
+    Written to ``resources.json`` and to ``resources.json.default`` too: NVFlare's POC mode rebuilds the
+    server's ``resources.json`` from the default file (to point its storage into the POC workspace).
+    """
     local = Path(local)
     resources = extend_allow_list(_read_resources(local))
     if heartbeat_timeout is not None:
         for server in resources.get("servers", []):
             server["heart_beat_timeout"] = heartbeat_timeout
-    _write_json(local / RESOURCES, resources)
-    return [local / RESOURCES]
+    for name in (RESOURCES, RESOURCES_DEFAULT):
+        _write_json(local / name, resources)
+    return [local / RESOURCES, local / RESOURCES_DEFAULT]
 
 
 def prepare_site_kit(kit: str | os.PathLike, site_config: str | os.PathLike, num_gpus: int = 0,

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from bsf.deploy.processes import kill_under, processes_under
+from bsf.deploy.processes import is_alive, kill_under, processes_under
 from bsf.errors import BSFError
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class PocDeployment:
         )
         self.env.update(env or {})
         self.admin = ""
+        self.ports: tuple[int, int] = (0, 0)
         self._session = None
 
     # ------------------------------------------------------------------ paths
@@ -144,7 +145,8 @@ class PocDeployment:
             raise DeploymentError(f"project file {self.project_template}: no such file")
         template = yaml.safe_load(self.project_template.read_text())
         self.admin = next(p["name"] for p in template["participants"] if p.get("type") == "admin")
-        project = poc_project(template, self.sites, tuple(free_ports(2)), self.site_configs, self.heartbeat_timeout)
+        self.ports = tuple(free_ports(2))
+        project = poc_project(template, self.sites, self.ports, self.site_configs, self.heartbeat_timeout)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "home").mkdir(exist_ok=True)
         project_file = self.root / "project.yml"
@@ -153,8 +155,38 @@ class PocDeployment:
         log.info("POC kits in %s (server ports %s)", self.prod, project["participants"][0])
         return project_file
 
+    def _clear_stale_pid_files(self, name: str) -> None:
+        """Remove pid files of a participant that was killed (its start script refuses to run beside them)."""
+        for file_name in ("daemon_pid.fl", "pid.fl"):
+            path = self.kit(name) / file_name
+            try:
+                pid = int(path.read_text().strip())
+            except (OSError, ValueError):
+                pid = None
+            if path.is_file() and (pid is None or not is_alive(pid)):
+                path.unlink()
+
+    def _wait_ports_free(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            while True:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    try:
+                        s.bind(("127.0.0.1", port))
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise DeploymentError(f"server port {port} is still in use after {timeout:.0f} s") from None
+                time.sleep(0.5)
+
     def start_participant(self, name: str) -> None:
         """Start one participant (``nvflare poc start -p NAME``) in a session of its own."""
+        if processes_under(self.kit(name)):
+            raise DeploymentError(f"{name} is already running (processes {processes_under(self.kit(name))})")
+        self._clear_stale_pid_files(name)
+        if name == SERVER:
+            self._wait_ports_free()
         log_file = open(self.root / f"start_{name}.log", "a")
         with log_file:
             proc = subprocess.Popen(

@@ -35,7 +35,8 @@ def processes_under(folder: str | os.PathLike) -> list[int]:
     return sorted(found)
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,7 +53,7 @@ def kill_processes(pids: list[int], grace_s: float = 3.0) -> list[int]:
     """SIGTERM ``pids``, then SIGKILL those still alive after ``grace_s``; returns the ids that were signalled."""
     signalled = []
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        live = [p for p in pids if _alive(p)]
+        live = [p for p in pids if is_alive(p)]
         if not live:
             break
         for pid in live:
@@ -62,7 +63,7 @@ def kill_processes(pids: list[int], grace_s: float = 3.0) -> list[int]:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_alive(p) for p in live):
+        while time.monotonic() < deadline and any(is_alive(p) for p in live):
             time.sleep(0.1)
     return sorted(set(signalled))
 

@@ -1,0 +1,135 @@
+"""Faults on a real loopback NVFlare deployment (POC mode, 2 sites, tiny Stage 1 jobs).
+
+* a site killed mid-round (watchdog, client and job processes, as a crash): with ``min_clients=1`` the
+  round completes with the other site and so does the job; with ``min_clients=2`` NVFlare aborts the
+  job (``Alive clients 1 < required min 2``) and the server log names the dead site;
+* the server killed mid-job: after a restart, :func:`bsf.deploy.resume.export_resume_job` continues from
+  the last persisted global model and round.
+
+A site whose loss turns NaN is rejected at the server by name: ``tests/test_fl_simulator.py::
+test_nan_update_is_rejected`` (end to end in the simulator) and ``tests/test_fl_units.py`` (the checks).
+The server drops a silent site after the kit's heartbeat timeout (25 s here, 120 s in
+``provisioning/project.yml``); ``NVFLARE_DEAD_CLIENT_*`` shorten NVFlare's grace periods for the test.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bsf.deploy.poc import PocDeployment
+from bsf.deploy.processes import kill_under, processes_under
+from bsf.deploy.resume import export_resume_job
+from bsf.fl.jobs import JobSpec, export_job
+
+pytestmark = pytest.mark.slow
+
+SITES = ("site-1", "site-2")
+ENV = {"OMP_NUM_THREADS": "1", "NVFLARE_DEAD_CLIENT_GRACE_PERIOD": "2", "NVFLARE_DEAD_CLIENT_CHECK_LEAD_TIME": "5"}
+TINY = JobSpec(name="fault", num_rounds=2, local_steps=1, cross_site_eval=False, validate_global=False,
+               run_overrides=["data.crops_per_volume=1"])
+WAIT_S = 300
+
+
+@pytest.fixture(scope="module")
+def poc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    deployment = PocDeployment(root, sites=SITES, heartbeat_timeout=25, env=ENV)
+    try:
+        deployment.prepare()
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.stop()
+        kill_under(root)
+    assert processes_under(root) == []
+
+
+def _wait_for(predicate, what: str, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def _lines(path: Path) -> int:
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "bsf_rounds.jsonl").read_text().splitlines()]
+
+
+def _global(run_dir: Path) -> dict[str, np.ndarray]:
+    state = torch.load(run_dir / "app_server" / "FL_global_model.pt", map_location="cpu", weights_only=False)["model"]
+    return {k: v.float().numpy() for k, v in state.items()}
+
+
+def _restart(poc: PocDeployment, name: str) -> None:
+    poc.start_participant(name)
+    poc.wait_for_sites(SITES)
+
+
+def _kill_site_mid_round(poc: PocDeployment, spec: JobSpec, tmp_path: Path) -> tuple[str, str]:
+    """Submit ``spec``; kill site-2 once its engine is ready, before it answers round 0; wait for the end."""
+    job_id = poc.submit(export_job(spec, tmp_path / "jobs"))
+    site_log = poc.kit("site-2") / job_id / "log.txt"
+    _wait_for(lambda: site_log.is_file() and "site site-2: engine ready" in site_log.read_text(), "site-2's engine")
+    assert poc.kill("site-2")  # round 0 was sent to it; it has not answered
+    return job_id, poc.wait(job_id, timeout=WAIT_S)
+
+
+def test_site_killed_mid_round_round_completes_with_the_others(poc, tmp_path):
+    job_id, status = _kill_site_mid_round(poc, replace(TINY, name="lost_ok", min_clients=1), tmp_path)
+    run_dir = poc.download(job_id, tmp_path / "results")
+    assert status == "FINISHED:COMPLETED"
+    rounds = _rounds(run_dir)
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert all(r["accepted_sites"] == ["site-1"] and not r["round_skipped"] for r in rounds)
+    assert all(np.isfinite(v).all() for v in _global(run_dir).values())
+    assert "Remove the dead Client. Name: site-2" in (poc.kit("server") / "log.txt").read_text()
+    _restart(poc, "site-2")
+
+
+def test_site_killed_below_min_clients_stops_the_job_with_a_message(poc, tmp_path):
+    job_id, status = _kill_site_mid_round(poc, replace(TINY, name="lost_stop", min_clients=2), tmp_path)
+    run_dir = poc.download(job_id, tmp_path / "results")
+    assert status != "FINISHED:COMPLETED"
+    log = (run_dir / "log.txt").read_text()
+    assert "Alive clients 1 < required min 2" in log and "Aborting job" in log, log[-3000:]
+    assert "Remove the dead Client. Name: site-2" in (poc.kit("server") / "log.txt").read_text()
+    _restart(poc, "site-2")
+
+
+def test_server_killed_mid_job_resumes_from_the_last_global_model(poc, tmp_path):
+    spec = replace(TINY, name="srv", num_rounds=3, min_clients=2)
+    job_id = poc.submit(export_job(spec, tmp_path / "jobs"))
+    server_run = poc.kit("server") / job_id
+    model, rounds_file = server_run / "app_server" / "FL_global_model.pt", server_run / "bsf_rounds.jsonl"
+    _wait_for(lambda: _lines(rounds_file) >= 1 and model.is_file() and model.stat().st_mtime >= rounds_file.stat().st_mtime,
+              "round 0's global model")
+    poc.close_session()
+    assert poc.kill("server")
+    persisted = _global(server_run)
+    done = [r["round"] for r in _rounds(server_run)]
+
+    _restart(poc, "server")
+    job, start = export_resume_job(spec, server_run, tmp_path / "jobs")
+    assert start == max(done) + 1
+    resumed_id = poc.submit(job)
+    assert poc.wait(resumed_id, timeout=WAIT_S) == "FINISHED:COMPLETED"
+    run_dir = poc.download(resumed_id, tmp_path / "results")
+    rounds = _rounds(run_dir)
+    assert [r["round"] for r in rounds] == list(range(start, spec.num_rounds))
+    assert all(sorted(r["accepted_sites"]) == list(SITES) for r in rounds)
+    final = _global(run_dir)
+    assert set(final) == set(persisted) and all(np.isfinite(v).all() for v in final.values())
+    assert max(float(np.abs(final[k] - persisted[k]).max()) for k in final) > 0  # training went on from it
+    assert str(server_run / "app_server" / "FL_global_model.pt") in (run_dir / "log.txt").read_text()
