@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 from bsf.bench.cli import add_bench_parser
 from bsf.errors import BSFError
 from bsf.experiments.cli import add_experiment_parser
+from bsf.deploy.cli import add_deploy_parser
 
 log = logging.getLogger("bsf")
 
@@ -349,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     add_bench_parser(sub)
     add_experiment_parser(sub)
+    add_deploy_parser(sub)
     return parser
 
 
