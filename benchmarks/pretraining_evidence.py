@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--percents", default="20")
     p.add_argument("--subsets", type=int, default=3, help="seeded subsets = seeds (>= 3 for the evidence)")
     p.add_argument("--fold", type=int, default=0, help="held-out BraTS fold")
+    p.add_argument("--pretrain-only", action="store_true", help="stop after Stages 1 and 2 (their encoders); a later call resumes")
     p.add_argument("--tiny", action="store_true", help="smoke test: 2-5 steps per stage, 6 BraTS cases, 2 subsets")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="Stage 3 overrides, e.g. train.steps=80")
     return p
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             out,
         )
         modalities = "flair,t1ce,t1,t2"
+    if args.pretrain_only:
+        print(f"[evidence] pretraining done: {encoder}")
+        return 0
     fewshot = out / "fewshot"
     code = bsf_main([
         "experiment", "fewshot", "--datalist", str(datalist), "--fold", str(args.fold), "--percents", args.percents,

@@ -205,7 +205,7 @@ def runs_table(records: Sequence[Record], metric: str) -> str:
             r["steps"],
             fmt(r["final_train_loss"]) if r.get("final_train_loss") is not None else "n/a",
             fmt(r["metrics"].get(metric, math.nan)),
-            r["seconds"]["train"] + r["seconds"]["evaluate"],
+            f'{r["seconds"]["train"] + r["seconds"]["evaluate"]:.0f}',
         ]
         for r in records
     ]
