@@ -192,8 +192,9 @@ def execute_run(experiment: Experiment, run: RunSpec, run_dir: Path, config: Run
 
 def _check_unchanged(run_dir: Path, config: RunConfig, datalist: dict[str, Any]) -> None:
     """A finished run is reused only if its config and cases are what this invocation would use."""
-    stored_config = yaml.safe_load((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else None
-    changed = _differences(stored_config or {}, config.to_dict())
+    if not (run_dir / CONFIG).is_file():
+        raise ConfigError(f"finished run {run_dir} has no {CONFIG}; delete that run folder to redo it")
+    changed = _differences(yaml.safe_load((run_dir / CONFIG).read_text()) or {}, config.to_dict())
     if _read_json(run_dir / DATALIST) != _read_json_text(datalist):
         changed.append("its cases (datalist.json)")
     if changed:
@@ -203,11 +204,11 @@ def _check_unchanged(run_dir: Path, config: RunConfig, datalist: dict[str, Any])
         )
 
 
-def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
+def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ; keys only one side has (a config field added or removed since) are ignored."""
     out = []
-    for key in keys:
-        x, y = a.get(key), b.get(key)
+    for key in sorted(set(stored) & set(current)):
+        x, y = stored[key], current[key]
         if isinstance(x, dict) and isinstance(y, dict):
             out += _differences(x, y, f"{prefix}{key}.")
         elif x != y:
