@@ -93,3 +93,12 @@ def test_site_kit_command_errors_name_the_problem(prod, tmp_path, capsys):
     assert bsf_main(["deploy", "site-kit", str(kit), "--site-config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "secret_key" in err
+
+
+def test_target_runs_a_job_at_named_sites_only(tmp_path, capsys):
+    job = tmp_path / "stage1"
+    shutil.copytree(REPO / "jobs" / "stage1", job)
+    assert bsf_main(["deploy", "target", str(job), "--sites", "ukb-site", "brats-site-a"]) == 0
+    assert _json(job / "meta.json")["deploy_map"] == {"app": ["server", "ukb-site", "brats-site-a"]}
+    assert bsf_main(["deploy", "target", str(job), "--sites", "ukb-site"]) == 2  # min_clients 2 > 1 site
+    assert "min_clients is 2" in capsys.readouterr().err

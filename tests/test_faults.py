@@ -26,6 +26,7 @@ import torch
 from bsf.deploy.poc import PocDeployment
 from bsf.deploy.processes import kill_under, processes_under
 from bsf.deploy.resume import export_resume_job
+from bsf.deploy.targets import target_sites
 from bsf.fl.jobs import JobSpec, export_job
 
 pytestmark = pytest.mark.slow
@@ -78,8 +79,10 @@ def _restart(poc: PocDeployment, name: str) -> None:
 
 
 def _kill_site_mid_round(poc: PocDeployment, spec: JobSpec, tmp_path: Path) -> tuple[str, str]:
-    """Submit ``spec``; kill site-2 once its engine is ready, before it answers round 0; wait for the end."""
-    job_id = poc.submit(export_job(spec, tmp_path / "jobs"))
+    """Submit ``spec`` (deployed to the named sites); kill site-2 once its engine is ready, before it answers round 0."""
+    job = export_job(spec, tmp_path / "jobs")
+    target_sites(job, SITES)
+    job_id = poc.submit(job)
     site_log = poc.kit("site-2") / job_id / "log.txt"
     _wait_for(lambda: site_log.is_file() and "site site-2: engine ready" in site_log.read_text(), "site-2's engine")
     assert poc.kill("site-2")  # round 0 was sent to it; it has not answered

@@ -5,6 +5,7 @@
     bsf deploy site-kit KIT --site-config sites/ukb.yaml [--gpus 1 --gpu-mem 40] [--privacy none|percentile|svt]
     bsf deploy poc --out poc_out [--stages stage1 stage2_brats stage3_brats] [--sites 2] [--rounds R --local-steps K]
     bsf deploy resume --job stage1 --server-run SERVER_WS/JOB_ID --out jobs_resume [--rounds R --local-steps K]
+    bsf deploy target JOB_FOLDER --sites brats-site-a brats-site-b
 
 Provisioning itself is NVFlare's: ``nvflare provision -p provisioning/project.yml -w workspace``.
 """
@@ -53,6 +54,13 @@ def cmd_resume(args: argparse.Namespace) -> None:
     print(f"submit it: nvflare job submit -j {job}   (or the admin API's submit_job)")
 
 
+def cmd_target(args: argparse.Namespace) -> None:
+    from bsf.deploy.targets import target_sites
+
+    meta = target_sites(args.job, args.sites)
+    print(f"{args.job}: deploy_map {meta['deploy_map']}, min_clients {meta.get('min_clients')}")
+
+
 def add_deploy_parser(sub) -> None:
     """Add ``bsf deploy`` and its subcommands to the ``bsf`` parser's subparsers ``sub``."""
     from bsf.deploy.policies import DP_CHOICES
@@ -87,3 +95,8 @@ def add_deploy_parser(sub) -> None:
     resume.add_argument("--rounds", type=int, default=None, help="the stopped job's rounds, if not the committed job's")
     resume.add_argument("--local-steps", type=int, default=None, help="the stopped job's local steps, if not the committed job's")
     resume.set_defaults(func=cmd_resume)
+
+    target = deploy.add_parser("target", help="run an exported job only at the named sites (and the server)")
+    target.add_argument("job", help="an exported job folder (holds meta.json)")
+    target.add_argument("--sites", nargs="+", required=True, help="site names as provisioned, e.g. ukb-site")
+    target.set_defaults(func=cmd_target)
