@@ -152,7 +152,7 @@ class PocDeployment:
         project_file = self.root / "project.yml"
         project_file.write_text(yaml.safe_dump(project, sort_keys=False))
         self._run([self.nvflare, "poc", "prepare", "-i", str(project_file), "--force"], "nvflare poc prepare")
-        log.info("POC kits in %s (server ports %s)", self.prod, project["participants"][0])
+        log.info("POC kits in %s (server ports %s)", self.prod, self.ports)
         return project_file
 
     def _clear_stale_pid_files(self, name: str) -> None:
