@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 PROJECT_FILE = Path(__file__).resolve().parents[2] / "provisioning" / "project.yml"
 POC_PROJECT = "bsfpoc"
 SERVER = "server"
-TERMINAL = ("FINISHED", "FAILED", "ABORTED")
 
 
 class DeploymentError(BSFError):
