@@ -4,10 +4,10 @@
   round completes with the other site and so does the job; with ``min_clients=2`` NVFlare aborts the
   job (``Alive clients 1 < required min 2``) and the server log names the dead site;
 * the server killed mid-job: after a restart, :func:`bsf.deploy.resume.export_resume_job` continues from
-  the last persisted global model and round.
+  the last persisted global model and round;
+* a site that diverges (its own configuration sets a huge learning rate): its NaN/Inf update is rejected at
+  the server by name, the global model stays finite (the checks: ``tests/test_fl_units.py``).
 
-A site whose loss turns NaN is rejected at the server by name: ``tests/test_fl_simulator.py::
-test_nan_update_is_rejected`` (end to end in the simulator) and ``tests/test_fl_units.py`` (the checks).
 The server drops a silent site after the kit's heartbeat timeout (20 s here, two missed heartbeats, 120 s in
 ``provisioning/project.yml``); ``NVFLARE_DEAD_CLIENT_*`` shorten NVFlare's grace periods for the test.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from bsf.deploy.poc import PocDeployment
 from bsf.deploy.processes import kill_under, processes_under
@@ -87,6 +88,23 @@ def _kill_site_mid_round(poc: PocDeployment, spec: JobSpec, tmp_path: Path) -> t
     _wait_for(lambda: site_log.is_file() and "site site-2: engine ready" in site_log.read_text(), "site-2's engine")
     assert poc.kill("site-2")  # round 0 was sent to it; it has not answered
     return job_id, poc.wait(job_id, timeout=WAIT_S)
+
+
+def test_diverging_site_is_rejected_by_name(poc, tmp_path):
+    """site-2's own configuration makes it diverge (lr 1e37): its Inf/NaN update passes its guard (numbers), the server rejects it."""
+    site_config = poc.kit("site-2") / "local" / "bsf_site.yaml"
+    site_config.write_text(yaml.safe_dump({"overrides": ["optim.lr=1.0e+37", "optim.warmup_steps=0"]}))
+    try:
+        job_id = poc.submit(export_job(replace(TINY, name="nan", num_rounds=1, local_steps=2, min_clients=1), tmp_path / "jobs"))
+        assert poc.wait(job_id, timeout=WAIT_S) == "FINISHED:COMPLETED"
+    finally:
+        site_config.unlink()
+    run_dir = poc.download(job_id, tmp_path / "results")
+    rounds = _rounds(run_dir)
+    assert rounds[0]["accepted_sites"] == ["site-1"] and rounds[0]["rejected_sites"] == ["site-2"]
+    log = (run_dir / "log.txt").read_text()
+    assert "REJECTED the result of site site-2" in log and "NaN/Inf" in log
+    assert all(np.isfinite(v).all() for v in _global(run_dir).values())
 
 
 def test_site_killed_mid_round_round_completes_with_the_others(poc, tmp_path):
