@@ -158,6 +158,10 @@ class FinetuneConfig:
     sw_overlap: float = 0.5
     sw_batch_size: int = 2
     threshold: float = 0.5
+    # foreground probability of every voxel at initialisation: the new output layer's bias is logit(prior)
+    # (the prior-probability init of Lin et al. 2017). With PyTorch's default init every voxel starts near 0.5
+    # and Dice loss spends its first thousands of steps lowering the background; null keeps the default init.
+    output_prior: float | None = 0.01
 
 
 @dataclass
@@ -326,6 +330,7 @@ def validate(config: RunConfig) -> None:
         (config.stage == "ssl" or config.data.dataset != "ukb", "stage finetune needs labelled data: data.dataset brats or atlas"),
         (0 <= config.finetune.sw_overlap < 1, "finetune.sw_overlap must be in [0, 1)"),
         (config.finetune.encoder_lr_scale >= 0, "finetune.encoder_lr_scale must be >= 0"),
+        (config.finetune.output_prior is None or 0 < config.finetune.output_prior < 1, "finetune.output_prior must be in (0, 1) or null"),
         (len(config.data.roi) == 3, "data.roi must have 3 sides"),
         (all(s >= 64 and s % 32 == 0 for s in config.data.roi), "data.roi: every side must be a multiple of 32 and >= 64"),
         (config.data.crops_per_volume >= 1, "data.crops_per_volume must be >= 1"),

@@ -101,3 +101,42 @@ def test_pos_neg_crops_centre_half_the_crops_on_tumour(tmp_path):
     # centre): 16 of 32 here; random 64^3 crops of this 99 x 124 x 103 brain: 8 of 32.
     centred = [bool(c["label"][1, 31:34, 31:34, 31:34].any()) for c in crops]
     assert sum(centred) >= 13, centred
+
+
+def test_the_new_output_layer_starts_at_the_foreground_prior():
+    """``finetune.output_prior``: every voxel's initial foreground probability is the prior, not MONAI's 0.5."""
+    config = load_config("stage3_brats_test", ["finetune.output_prior=0.02"])
+    model = build_model(config).eval()
+    with torch.no_grad():
+        probabilities = torch.sigmoid(model(torch.randn(1, 4, 64, 64, 64)))
+    assert abs(float(probabilities.mean()) - 0.02) < 0.01  # the bias sets it; the random weights add spread
+    default_init = build_model(load_config("stage3_brats_test", ["finetune.output_prior=null"])).eval()
+    with torch.no_grad():
+        probabilities = torch.sigmoid(default_init(torch.randn(1, 4, 64, 64, 64)))
+    assert 0.3 < float(probabilities.mean()) < 0.7  # PyTorch's default init: about half the voxels foreground
+
+
+def test_stage3_learns_synthetic_tumours_above_a_justified_dice_floor(tmp_path):
+    """15 Stage-3 steps from scratch on BraTS-like cases segment a held-out case's tumour.
+
+    At 4 mm a 64^3 crop holds the whole brain (60 x 60 x 39), so every step sees the whole tumour. Floor:
+    mean Dice (TC, WT, ET) >= 0.5. Untrained, the model scores 0.03 (measured), and the best region-blind
+    prediction, the whole brain for every region, scores under 0.05 (WT is ~1 % of the brain); measured
+    after 15 steps: 0.72 (WT 0.93, TC 0.72, ET 0.52), so the floor leaves room for platform differences.
+    Without the output prior (finetune.output_prior=null) the same run stays under 0.05.
+    """
+    from bsf.data.synth import synthesize
+    from bsf.engine import Engine
+
+    synthesize("brats", 6, tmp_path / "brats", spacing=4.0, seed=0)
+    config = load_config(
+        "stage3_brats_test",
+        [f"data.root={tmp_path / 'brats'}", f"train.output_dir={tmp_path / 'run'}", "data.crops_per_volume=1", "data.batch_size=2", "train.steps=15"],
+    )
+    engine = Engine(config)
+    untrained = engine.validate()["val_dice_mean"]
+    records = engine.train_steps(15)
+    dice = engine.validate()
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert dice["val_dice_mean"] >= 0.5 > untrained, (untrained, dice)
+    assert dice["val_dice_wt"] >= 0.7, dice
