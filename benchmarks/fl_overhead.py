@@ -122,13 +122,13 @@ def main(argv=None) -> int:
     from bsf.bench.comm import payload_rows
 
     print("\nBytes per round per site (global model down + update up; NVFlare message overhead not included):")
-    print(f"  {'size':6} {'encoder params':>15} {'all params':>12} {'encoder f32':>12} {'enc f32 down+f16 up':>20} {'whole model f32':>16}")
+    print(f"  {'size':6} {'encoder elems':>15} {'all elems':>12} {'encoder f32':>12} {'enc f32 down+f16 up':>20} {'whole model f32':>16}")
     for row in payload_rows():
         if row["size"] not in args.sizes:
             continue
         b = row["round_bytes"]
         print(
-            f"  {row['size']:6} {row['encoder_params']:>15,} {row['swin_unetr_params']:>12,} {b['encoder_f32'] / 1e6:>10.2f}MB "
+            f"  {row['size']:6} {row['encoder_elements']:>15,} {row['swin_unetr_elements']:>12,} {b['encoder_f32'] / 1e6:>10.2f}MB "
             f"{b['encoder_f32_down_f16_up'] / 1e6:>18.2f}MB {b['swin_unetr_f32'] / 1e6:>14.2f}MB"
         )
     print(f"\n(work folder: {work})")

@@ -2,7 +2,9 @@
 
 Bytes per round per site = the global part down (float32) + the site's update up (float32 or
 float16), for encoder-only (``swinViT.*``, Stages 1/2 aggregate this) vs the whole model, for every
-model size; NVFlare's message overhead is not included.
+model size; NVFlare's message overhead is not included. Counted are state-dict *elements*, as the
+site code sends them (every entry as float32, including the Swin blocks' constant
+``relative_position_index`` buffers), not only trainable parameters.
 
 Convergence: a 2-site FedAvg on the synthetic benchmark data through the real site code
 (:class:`bsf.fl.trainer.SiteTrainer` around an :class:`bsf.engine.Engine`, weight differences of the
@@ -33,13 +35,14 @@ def _bytes(state: dict[str, torch.Tensor], prefix: str = "") -> int:
 
 
 def payload_rows() -> list[dict]:
-    """Per size: parameters and bytes per round per site, SSL model (Stages 1/2) and SwinUNETR (Stage 3)."""
+    """Per size: state-dict elements and bytes per round per site, SSL model (Stages 1/2) and SwinUNETR (Stage 3)."""
     rows = []
     for size in MODEL_SIZES:
         ssl, seg = SSLModel(size, 2).state_dict(), build_swin_unetr(size, 4, 3).state_dict()
         encoder = _bytes(ssl, "swinViT.")
         rows.append({
-            "size": size, "encoder_params": encoder // 4, "ssl_model_params": _bytes(ssl) // 4, "swin_unetr_params": _bytes(seg) // 4,
+            "size": size, "encoder_elements": encoder // 4, "ssl_model_elements": _bytes(ssl) // 4,
+            "swin_unetr_elements": _bytes(seg) // 4,
             "round_bytes": {
                 "encoder_f32": 2 * encoder, "encoder_f32_down_f16_up": encoder + encoder // 2,
                 "ssl_model_f32": 2 * _bytes(ssl), "swin_unetr_f32": 2 * _bytes(seg),
