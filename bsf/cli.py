@@ -238,7 +238,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from bsf.demo import run_demo
 
-    run_demo(Path(args.out), subjects=args.subjects, steps=args.steps, sites=args.sites)
+    run_demo(Path(args.out), subjects=args.subjects, steps=args.steps, pipeline=not args.no_pipeline)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -342,11 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     bundle_export.add_argument("--out", required=True, help="bundle folder to write")
     bundle_export.set_defaults(func=cmd_bundle_export)
 
-    demo = sub.add_parser("demo", help="Stage 1 SSL on synthetic brains on CPU: centrally, then as a federation")
+    demo = sub.add_parser("demo", help="on CPU: Stage 1 SSL centrally, then Stage 1 -> 2 -> 3 federated on 5 simulated sites, with a report")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--subjects", type=int, default=4)
     demo.add_argument("--steps", type=int, default=60)
-    demo.add_argument("--sites", type=int, default=2, help="simulated sites for the federated part (0 skips it)")
+    demo.add_argument("--no-pipeline", action="store_true", help="skip part 2, the federated Stage 1 -> 2 -> 3 chain")
     demo.set_defaults(func=cmd_demo)
     add_bench_parser(sub)
     add_experiment_parser(sub)
