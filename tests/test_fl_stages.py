@@ -222,9 +222,10 @@ def test_chain_produces_every_stage_feeding_the_next(chain):
 def test_chain_stage3_cross_site_table_and_dice(chain):
     """The cross-site table: every model (both globals, each site's) at every site.
 
-    No Dice floor here: two optimiser steps of a randomly initialised decoder cannot be expected to
-    segment anything (tiny-size Dice is ~0.01), so Dice values are only checked to be finite and in
-    [0, 1]. What is checked instead: "best" follows Dice upwards (higher is better)."""
+    Tiny size is two rounds of one step: BraTS-like mean Dice rises 0.006 -> 0.015 -> 0.05-0.08 (measured),
+    so the check is that each round's global model beats the previous one there; ATLAS lesions stay at 0
+    after two steps. The Dice floor of a real (if short) fine-tuning run is in tests/test_finetune.py.
+    Also checked: "best" follows Dice upwards (higher is better)."""
     cfg, summary = chain
     for job, sites in (("stage3_brats", ["brats-1", "brats-2"]), ("stage3_atlas", ["atlas-1"])):
         result = summary["stages"][job]
@@ -253,6 +254,9 @@ def test_chain_stage3_cross_site_table_and_dice(chain):
         for site in sites:
             assert best[site] == pytest.approx(per_round[site][best_round], abs=1e-6), (job, site, means)
         assert result["overlay"]["dice"] and all(0.0 <= v <= 1.0 for v in result["overlay"]["dice"].values())
+        if job == "stage3_brats":
+            for site in sites:
+                assert all(later > earlier for earlier, later in zip(per_round[site], per_round[site][1:])), (site, per_round)
 
 
 @pytest.mark.slow
