@@ -133,3 +133,10 @@ def test_ddp_two_gloo_processes_match_one_process_with_same_global_batch(stage1_
     single_weights = single.get_weights("all")
     worst = max(float(np.abs(single_weights[k] - ddp_weights[k]).max()) for k in single_weights)
     assert worst <= 1e-5, f"weights differ by up to {worst:.2e}"
+
+
+def test_mixed_precision_on_the_cpu_is_refused_with_the_fix(stage1_config):
+    from bsf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.precision=bf16 on the CPU.*set train.precision=fp32"):
+        Engine(stage1_config("train.precision=bf16", "train.device=cpu"))

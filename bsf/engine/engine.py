@@ -21,7 +21,7 @@ from bsf.config import RunConfig
 from bsf.data.pipeline import SampleStream, StepSampler, load_cases, seed_for, train_loader
 from bsf.engine.schedule import warmup_cosine
 from bsf.engine.tasks import build_task
-from bsf.errors import CheckpointError
+from bsf.errors import CheckpointError, ConfigError
 from bsf.io import atomic_torch_save
 from bsf.model import select_weights
 from bsf.model.attention import use_sdpa_attention
@@ -59,6 +59,12 @@ class Engine:
         self.config = config
         self.rank, self.world_size = rank, world_size
         self.device = device or resolve_device(config.train.device)
+        if self.device.type == "cpu" and config.train.precision != "fp32":
+            # measured with torch 2.13.0+cpu: the bf16 Conv3d backward returns gradients of 1e35 on some calls
+            raise ConfigError(
+                f"train.precision={config.train.precision} on the CPU: mixed-precision training is for GPUs "
+                "(CPU bf16 Conv3d gradients are unreliable in this torch build); set train.precision=fp32"
+            )
         self.task = build_task(config)
         self.model = build_model(config).to(self.device)
         if config.train.attention == "sdpa":
