@@ -155,7 +155,8 @@ def peak_memory(variant: Variant, device: torch.device) -> dict[str, Any]:
     return {"kind": kind, "bytes": state + transient, "state_bytes": state, "step_bytes": transient}
 
 
-def _time(fn: Callable[[], Any], device: torch.device, n: int) -> list[float]:
+def time_calls(fn: Callable[[], Any], device: torch.device, n: int) -> list[float]:
+    """Seconds of each of ``n`` calls of ``fn``, the device synchronised before and after each."""
     times = []
     for _ in range(n):
         sync(device)
@@ -184,9 +185,9 @@ def compare(variants: list[Variant], opts: Options) -> list[dict[str, Any]]:
     for round_index in range(opts.repeats):
         for variant in variants:
             if round_index == 0:
-                warm = _time(variant.step, device, opts.warmup)
+                warm = time_calls(variant.step, device, opts.warmup)
                 first[variant.name] = warm[0] if warm else None
-            times[variant.name] += _time(variant.step, device, opts.steps)
+            times[variant.name] += time_calls(variant.step, device, opts.steps)
     rows = []
     for variant in variants:
         median = statistics.median(times[variant.name])

@@ -17,12 +17,11 @@ tensors already on the device (data loading is the ``data_wait`` benchmark).
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
 import torch
 
-from bsf.bench.harness import Options, Variant, compare, sync
+from bsf.bench.harness import Options, Variant, compare, time_calls
 from bsf.bench.steps import TrainStep
 from bsf.model import SSLModel
 from bsf.model.attention import use_sdpa_attention
@@ -149,14 +148,7 @@ def _variant(name, label, step: TrainStep, x, augment, reference=False) -> Varia
 def _augmentation_s(augment, device, n: int) -> float:
     """Median seconds of the augmentation alone (after one untimed call)."""
     augment()
-    times = []
-    for _ in range(n):
-        sync(device)
-        start = time.perf_counter()
-        augment()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(time_calls(augment, device, n))
 
 
 def run(opts: Options) -> dict:

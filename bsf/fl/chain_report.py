@@ -185,7 +185,7 @@ def write_report(cfg: Any, summary: dict[str, Any]) -> dict[str, Path]:
         "",
         f"Synthetic sites ({cfg.subjects} subjects each at {cfg.spacing:g} mm, one of them the site's validation case): "
         + ", ".join(f"{site} ({DATASET_NAMES.get(site.split('-')[0], site)}-like)" for site in summary["sites"])
-        + f". Every stage is an NVFlare job run with `nvflare simulator`; each starts from the previous stage's "
+        + ". Every stage is an NVFlare job run with `nvflare simulator`; each starts from the previous stage's "
         "global model (`$BSF_PRETRAINED`), adapted by modality name on the server before round 0.",
         "",
         "| job | sites | rounds x local steps | aggregated | starts from | max abs change of the global model | seconds |",
@@ -226,7 +226,7 @@ def write_report(cfg: Any, summary: dict[str, Any]) -> dict[str, Path]:
         "## Files",
         "",
         f"- jobs as run: `{cfg.out / 'jobs'}`; simulator workspaces: `{cfg.out / 'ws'}`; logs: `{cfg.out / 'logs'}`",
-        f"- per stage: `ws/<job>/server/simulate_job/` holds `app_server/FL_global_model.pt`, `bsf_metrics.json`, "
+        "- per stage: `ws/<job>/server/simulate_job/` holds `app_server/FL_global_model.pt`, `bsf_metrics.json`, "
         "`bsf_rounds.jsonl`, `tb_events/`, `cross_site_val/`",
         "",
     ]
