@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from bsf.bench.cli import add_bench_parser
 from bsf.errors import BSFError
 from bsf.experiments.cli import add_experiment_parser
-from bsf.deploy.cli import add_deploy_parser
+from bsf.fl.deploy.cli import add_deploy_parser
 
 log = logging.getLogger("bsf")
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from bsf.cli import main as bsf_main
-from bsf.deploy.policies import BSF_CLASSES, GUARD_PATH, PRIVACY_SCOPE
+from bsf.fl.deploy.policies import BSF_CLASSES, GUARD_PATH, PRIVACY_SCOPE
 
 REPO = Path(__file__).resolve().parents[1]
 NVFLARE = str(Path(sys.executable).with_name("nvflare"))

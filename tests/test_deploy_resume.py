@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from bsf.cli import main as bsf_main
-from bsf.deploy.poc import DeploymentError
-from bsf.deploy.resume import export_resume_job, last_completed_round
+from bsf.fl.deploy.poc import DeploymentError
+from bsf.fl.deploy.resume import export_resume_job, last_completed_round
 from bsf.fl.jobs import COMMITTED_JOBS
 
 

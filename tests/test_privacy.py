@@ -17,7 +17,7 @@ from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import make_reply
 
-from bsf.deploy.privacy import AUDIT_FILE, ResultGuard, check_result, model_shapes_from_run_config
+from bsf.fl.deploy.privacy import AUDIT_FILE, ResultGuard, check_result, model_shapes_from_run_config
 from bsf.fl.jobs import JobSpec, job_run_config
 
 SHAPES = {"swinViT.patch_embed.proj.weight": (12, 2, 2, 2, 2), "swinViT.norm.bias": (12,)}

@@ -6,7 +6,7 @@ site policies; the server on free local ports; the requested sites), ``nvflare p
 starts each participant (each in its own session so one site can be stopped alone), and the admin
 API (``new_secure_session``) submits jobs, waits for them and downloads their results.
 ``nvflare poc stop`` stops everything; whatever still runs afterwards (or after a failure) is ended
-by process id (:mod:`bsf.deploy.processes`). Use it as a context manager::
+by process id (:mod:`bsf.fl.deploy.processes`). Use it as a context manager::
 
     with PocDeployment(root, sites=["site-1", "site-2"]) as poc:
         poc.start()
@@ -29,12 +29,12 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from bsf.deploy.processes import is_alive, kill_under, processes_under
+from bsf.fl.deploy.processes import is_alive, kill_under, processes_under
 from bsf.errors import BSFError
 
 log = logging.getLogger(__name__)
 
-PROJECT_FILE = Path(__file__).resolve().parents[2] / "provisioning" / "project.yml"
+PROJECT_FILE = Path(__file__).resolve().parents[3] / "provisioning" / "project.yml"
 POC_PROJECT = "bsfpoc"
 SERVER = "server"
 
@@ -80,7 +80,7 @@ def poc_project(
     project.update(name=POC_PROJECT, participants=participants)
     if heartbeat_timeout is not None:
         for builder in project.get("builders", []):
-            if builder.get("path") == "bsf.deploy.builder.BSFKitBuilder":
+            if builder.get("path") == "bsf.fl.deploy.builder.BSFKitBuilder":
                 builder.setdefault("args", {})["heartbeat_timeout"] = heartbeat_timeout
     return project
 

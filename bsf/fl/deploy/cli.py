@@ -17,7 +17,7 @@ import json
 
 
 def cmd_site_kit(args: argparse.Namespace) -> None:
-    from bsf.deploy.kit import prepare_site_kit
+    from bsf.fl.deploy.kit import prepare_site_kit
 
     written = prepare_site_kit(args.kit, args.site_config, args.gpus, args.gpu_mem, args.privacy)
     for path in written:
@@ -26,7 +26,7 @@ def cmd_site_kit(args: argparse.Namespace) -> None:
 
 
 def cmd_poc(args: argparse.Namespace) -> None:
-    from bsf.deploy.run import run_poc
+    from bsf.fl.deploy.run import run_poc
 
     sites = [f"site-{i + 1}" for i in range(args.sites)]
     summary = run_poc(
@@ -44,7 +44,7 @@ def cmd_poc(args: argparse.Namespace) -> None:
 def cmd_resume(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from bsf.deploy.resume import export_resume_job
+    from bsf.fl.deploy.resume import export_resume_job
     from bsf.fl.jobs import COMMITTED_JOBS
 
     spec = COMMITTED_JOBS[args.job]
@@ -55,7 +55,7 @@ def cmd_resume(args: argparse.Namespace) -> None:
 
 
 def cmd_target(args: argparse.Namespace) -> None:
-    from bsf.deploy.targets import target_sites
+    from bsf.fl.deploy.targets import target_sites
 
     meta = target_sites(args.job, args.sites)
     print(f"{args.job}: deploy_map {meta['deploy_map']}, min_clients {meta.get('min_clients')}")
@@ -63,7 +63,7 @@ def cmd_target(args: argparse.Namespace) -> None:
 
 def add_deploy_parser(sub) -> None:
     """Add ``bsf deploy`` and its subcommands to the ``bsf`` parser's subparsers ``sub``."""
-    from bsf.deploy.policies import DP_CHOICES
+    from bsf.fl.deploy.policies import DP_CHOICES
     from bsf.fl.jobs import COMMITTED_JOBS
 
     deploy = sub.add_parser("deploy", help="real NVFlare deployments: site kits, a local POC run, resuming").add_subparsers(

@@ -5,7 +5,7 @@
   (NVFlare 2.9 refuses to build a job component whose class is not listed).
 * ``privacy.json``: one privacy scope, ``bsf`` (the default), whose task-result filters are,
   optionally, NVFlare's percentile or sparse-vector-technique differential-privacy filter, then
-  :class:`bsf.deploy.privacy.ResultGuard` (only the aggregated weights and numeric metadata leave).
+  :class:`bsf.fl.deploy.privacy.ResultGuard` (only the aggregated weights and numeric metadata leave).
 * ``authorization.json``: who may do what at this site; bring-your-own-code (BYOC, the jobs' thin
   ``custom/bsf_client.py``) is allowed for the project admin and the consortium's ``lead`` role only.
 """
@@ -24,7 +24,7 @@ BSF_CLASSES = (
     "bsf.fl.crosssite.CrossSiteResultsWriter",
     "bsf.fl.metrics.JSONMetricsReceiver",
     "bsf.fl.persistor.BSFModelPersistor",
-    "bsf.deploy.privacy.ResultGuard",
+    "bsf.fl.deploy.privacy.ResultGuard",
     "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor",
     "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator",
     "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
@@ -32,7 +32,7 @@ BSF_CLASSES = (
 
 PRIVACY_SCOPE = "bsf"
 DP_CHOICES = ("none", "percentile", "svt")
-GUARD_PATH = "bsf.deploy.privacy.ResultGuard"
+GUARD_PATH = "bsf.fl.deploy.privacy.ResultGuard"
 
 
 def extend_allow_list(resources: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from bsf.deploy.poc import DeploymentError
+from bsf.fl.deploy.poc import DeploymentError
 
 GLOBAL_MODEL = Path("app_server") / "FL_global_model.pt"
 ROUNDS_FILE = "bsf_rounds.jsonl"

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from bsf.deploy.poc import DeploymentError, PocDeployment
+from bsf.fl.deploy.poc import DeploymentError, PocDeployment
 
 log = logging.getLogger(__name__)
 

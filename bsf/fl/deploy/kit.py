@@ -1,6 +1,6 @@
 """Write a site's (or the server's) ``local/`` policies into a startup kit, and check a site config for it.
 
-Used at provisioning (:class:`bsf.deploy.builder.BSFKitBuilder`, from ``project.yml``) and by a site
+Used at provisioning (:class:`bsf.fl.deploy.builder.BSFKitBuilder`, from ``project.yml``) and by a site
 admin on a kit they received (``bsf deploy site-kit KIT --site-config sites/ukb.yaml``). The files:
 
 * ``local/resources.json``: NVFlare's ``resources.json.default`` + GPUs + this project's classes;
@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bsf.deploy.policies import authorization_policy, extend_allow_list, privacy_policy, set_gpu_resources
+from bsf.fl.deploy.policies import authorization_policy, extend_allow_list, privacy_policy, set_gpu_resources
 from bsf.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 List it in ``project.yml`` after NVFlare's ``StaticFileBuilder`` (which writes ``resources.json.default``)::
 
-    - path: bsf.deploy.builder.BSFKitBuilder
+    - path: bsf.fl.deploy.builder.BSFKitBuilder
       args: {heartbeat_timeout: 120}
 
 Per client participant it reads these optional properties::
@@ -15,7 +15,7 @@ Per client participant it reads these optional properties::
       bsf_privacy: none                                   # none | percentile | svt (differential privacy)
 
 and writes ``local/resources.json``, ``privacy.json``, ``authorization.json`` (and ``bsf_site.yaml``);
-see :mod:`bsf.deploy.kit`. The server gets ``local/resources.json`` with this project's classes.
+see :mod:`bsf.fl.deploy.kit`. The server gets ``local/resources.json`` with this project's classes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nvflare.lighter.spec import Builder
 
-from bsf.deploy.kit import write_client_local, write_server_local
+from bsf.fl.deploy.kit import write_client_local, write_server_local
 from bsf.errors import ConfigError
 
 PROP_SITE_CONFIG = "bsf_site_config"
