@@ -24,23 +24,24 @@ from bsf.errors import BSFError, ConfigError
 SITE = "site-1"
 
 
+def _set_environment(values: Mapping[str, str | None]) -> None:
+    """Set each variable of ``values``; a None value removes it."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @contextlib.contextmanager
 def _environment(changes: Mapping[str, str | None]) -> Iterator[None]:
     """Set (or, for None, remove) environment variables for the block; restore them after."""
     saved = {name: os.environ.get(name) for name in changes}
     try:
-        for name, value in changes.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _set_environment(changes)
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _set_environment(saved)
 
 
 def train_federated(config: RunConfig, config_path: Path, run_dir: Path, local_steps: int) -> dict[str, Path]:
