@@ -178,6 +178,67 @@ class TrainConfig:
     progress: bool = True
 
 
+#: Choices of the federation section, each listed once (the CLI, the aggregator and the site use these).
+Algorithm = Literal["fedavg"]
+Scope = Literal["encoder", "all"]  # which weights are global: the encoder (``swinViT.*``) or the whole network
+Transfer = Literal["diff", "full"]  # a site sends its weight difference or its weights
+TransferDtype = Literal["float32", "float16"]
+Weighting = Literal["steps", "cases", "uniform"]  # the FedAvg weight of a site's update
+ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
+SCOPES: tuple[str, ...] = typing.get_args(Scope)
+TRANSFERS: tuple[str, ...] = typing.get_args(Transfer)
+TRANSFER_DTYPES: tuple[str, ...] = typing.get_args(TransferDtype)
+WEIGHTINGS: tuple[str, ...] = typing.get_args(Weighting)
+
+
+@dataclass
+class FederationConfig:
+    """How a federated job runs: written by the job into its run config, read back by the server and every site.
+
+    ``rounds`` is the whole job's round count; a resumed job keeps it and starts at ``start_round``.
+    The learning-rate schedule spans the whole job: ``train.steps`` must equal :attr:`schedule_steps`
+    (``rounds * local_steps``; :func:`bsf.fl.jobs.job_run_config` writes it).
+    """
+
+    algorithm: Algorithm = "fedavg"
+    rounds: int = 3
+    local_steps: int = 4
+    scope: Scope = "encoder"
+    transfer: Transfer = "diff"
+    transfer_dtype: TransferDtype = "float32"
+    weigh_by: Weighting = "steps"
+    min_clients: int = 2
+    start_round: int = 0
+    validate_global: bool = True  # each site validates the global model it receives, every round
+    resume: bool = True  # each site keeps a per-round checkpoint and continues from it after a restart
+    cross_site_eval: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.rounds >= 1, f"federation.rounds must be >= 1, got {self.rounds}"),
+            (self.local_steps >= 1, f"federation.local_steps must be >= 1, got {self.local_steps}"),
+            (self.min_clients >= 1, f"federation.min_clients must be >= 1, got {self.min_clients}"),
+            (0 <= self.start_round < self.rounds,
+             f"federation.start_round must be in [0, rounds={self.rounds}), got {self.start_round}"),
+            *((getattr(self, name) in choices, f"federation.{name}: {getattr(self, name)!r} is not one of {', '.join(choices)}")
+              for name, choices in (("algorithm", ALGORITHMS), ("scope", SCOPES), ("transfer", TRANSFERS),
+                                    ("transfer_dtype", TRANSFER_DTYPES), ("weigh_by", WEIGHTINGS))),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def schedule_steps(self) -> int:
+        """The whole job's local steps per site (``rounds * local_steps``): the length of its learning-rate schedule."""
+        return self.rounds * self.local_steps
+
+    @property
+    def remaining_rounds(self) -> int:
+        """Rounds still to run from ``start_round``."""
+        return self.rounds - self.start_round
+
+
 @dataclass
 class RunConfig:
     stage: Literal["ssl", "finetune"] = "ssl"
@@ -188,6 +249,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig | None = None  # set in a federated job's run config (bsf_run.yaml)
 
     @property
     def schedule_steps(self) -> int:
@@ -346,6 +408,9 @@ def validate(config: RunConfig) -> None:
         (config.optim.grad_clip is None or config.optim.grad_clip > 0, "optim.grad_clip must be > 0 or null"),
         (config.train.steps >= 0, "train.steps must be >= 0"),
         (config.schedule_steps >= 1, "optim.total_steps must be >= 1"),
+        (config.federation is None or config.train.steps == config.federation.schedule_steps,
+         f"train.steps must equal federation.rounds * federation.local_steps "
+         f"({config.federation.schedule_steps if config.federation else 0}) in a federated run config"),
     ]
     for ok, message in [*checks, *_transforms_checks(config)]:
         if not ok:
