@@ -2,14 +2,17 @@
 
 Writes into ``train.output_dir``:
 - ``checkpoint_last.pt``: full resumable engine state (atomic),
+- ``run_log.json``: the loss and validation records up to ``checkpoint_last.pt``'s step, so a resumed
+  run's summary and loss curve hold the whole run, not only the steps after the restart,
 - ``checkpoint_best.pt``: ``{"model": state_dict, "step", "metrics"}`` at the best validation metric,
-- ``summary.json``: per-step losses, validation history, timings, and the paths above,
+- ``summary.json``: per-step losses and validation history of the whole run, timings, and the paths above,
 - ``tb/``: TensorBoard scalars.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -24,12 +27,12 @@ from tqdm import tqdm
 
 from bsf.config import RunConfig, load_config
 from bsf.engine import Engine, resolve_device
-from bsf.errors import BSFError, ConfigError
+from bsf.errors import BSFError, CheckpointError, ConfigError
 from bsf.io import atomic_torch_save, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-LAST, BEST, SUMMARY = "checkpoint_last.pt", "checkpoint_best.pt", "summary.json"
+LAST, BEST, SUMMARY, RUN_LOG = "checkpoint_last.pt", "checkpoint_best.pt", "summary.json", "run_log.json"
 
 
 class TrainingDiverged(BSFError):
@@ -75,6 +78,23 @@ class RunLog:
     steps: list[dict[str, float]] = field(default_factory=list)
     validations: list[dict[str, float]] = field(default_factory=list)
 
+    def save(self, path: Path) -> None:
+        atomic_write_json({"steps": self.steps, "validations": self.validations}, path)
+
+    @classmethod
+    def up_to(cls, path: Path, step: int) -> RunLog:
+        """The records of ``path`` (a saved run log) at steps ``<= step``; empty when there is none.
+
+        Records past ``step`` were made after the checkpoint being resumed and are run again."""
+        if not path.is_file():
+            log.warning("%s: no earlier run log; the summary starts at step %d", path, step)
+            return cls()
+        try:
+            saved = json.loads(path.read_text())
+            return cls([r for r in saved["steps"] if r["step"] <= step], [r for r in saved["validations"] if r["step"] <= step])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: not a run log of this project ({exc}); remove it to resume without the earlier records") from None
+
 
 def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run ``config.train.steps`` optimiser steps (continuing a previous run when ``resume``); return the summary."""
@@ -90,11 +110,13 @@ def _train(config: RunConfig, ctx: DistributedContext, resume: bool) -> dict[str
     out = prepare_output_dir(config.train.output_dir)
     device = resolve_device(config.train.device, ctx.local_rank)
     engine = Engine(config, rank=ctx.rank, world_size=ctx.world_size, device=device)
+    run_log = RunLog()
     if resume and (out / LAST).exists():
         engine.load_checkpoint(out / LAST)
         log.info("resumed from %s at step %d", out / LAST, engine.step)
+        run_log = RunLog.up_to(out / RUN_LOG, engine.step)
+    first_step = engine.step
     writer = _tensorboard(out) if ctx.is_main else None
-    run_log = RunLog()
     started = time.perf_counter()
     bar = tqdm(total=config.train.steps, initial=engine.step, desc="train", unit="step", disable=not (ctx.is_main and config.train.progress))
     while engine.step < config.train.steps:
@@ -111,11 +133,12 @@ def _train(config: RunConfig, ctx: DistributedContext, resume: bool) -> dict[str
         if _due(engine.step, config.train.val_every, config.train.steps):
             _validate(engine, run_log, writer, out, ctx)
         if ctx.is_main and _due(engine.step, config.train.checkpoint_every, config.train.steps):
+            run_log.save(out / RUN_LOG)  # first: a crash between the two leaves a log ahead of the checkpoint, never behind
             engine.save_checkpoint(out / LAST)
     bar.close()
     if writer:
         writer.close()
-    summary = _summary(config, engine, run_log, out, time.perf_counter() - started)
+    summary = _summary(config, engine, run_log, out, time.perf_counter() - started, engine.step - first_step)
     if ctx.is_main:
         atomic_write_json(summary, out / SUMMARY)
         log.info("run finished: %d steps, summary in %s", engine.step, out / SUMMARY)
@@ -145,13 +168,13 @@ def _tensorboard(out: Path):
     return SummaryWriter(log_dir=str(out / "tb"))
 
 
-def _summary(config: RunConfig, engine: Engine, run_log: RunLog, out: Path, seconds: float) -> dict[str, Any]:
+def _summary(config: RunConfig, engine: Engine, run_log: RunLog, out: Path, seconds: float, steps_this_run: int) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
         "steps_done": engine.step,
-        "steps_this_run": len(run_log.steps),
+        "steps_this_run": steps_this_run,
         "seconds": round(seconds, 2),
-        "seconds_per_step": round(seconds / max(1, len(run_log.steps)), 4),
+        "seconds_per_step": round(seconds / max(1, steps_this_run), 4),
         "train": run_log.steps,
         "validation": run_log.validations,
         "best": engine.best,

@@ -32,7 +32,26 @@ def test_train_writes_summary_checkpoints_and_resumes(ukb_root, tmp_path, capsys
 
     assert main([*args, "train.steps=3", "--resume"]) == 0
     resumed = json.loads((out / "summary.json").read_text())
-    assert [r["step"] for r in resumed["train"]] == [3]
+    assert [r["step"] for r in resumed["train"]] == [1, 2, 3]  # the whole loss curve, not only the new step
+    assert resumed["train"][:2] == summary["train"] and resumed["steps_this_run"] == 1
+    assert [v["step"] for v in resumed["validation"]] == [2, 3]
+    assert resumed["validation"][0] == summary["validation"][0]
+
+
+def test_resume_keeps_only_the_records_the_checkpoint_covers(tmp_path):
+    """A crash after the run log was written but before the checkpoint: the steps past the checkpoint run again."""
+    from bsf.errors import CheckpointError
+    from bsf.train import RunLog
+
+    path = tmp_path / "run_log.json"
+    RunLog([{"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4)], [{"step": 2, "val_loss": 0.5}, {"step": 4, "val_loss": 0.4}]).save(path)
+    kept = RunLog.up_to(path, 2)
+    assert [r["step"] for r in kept.steps] == [1, 2] and kept.validations == [{"step": 2, "val_loss": 0.5}]
+    assert RunLog.up_to(tmp_path / "none.json", 2) == RunLog()
+
+    path.write_text('{"steps": 3}')
+    with pytest.raises(CheckpointError, match="run_log.json"):
+        RunLog.up_to(path, 2)
 
 
 def test_export_writes_an_encoder_that_imports_exactly(ukb_root, tmp_path, capsys):
