@@ -18,12 +18,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from bsf.config import RunConfig
-from bsf.data.pipeline import SampleStream, StepSampler, load_cases, seed_for, train_loader
+from bsf.data.pipeline import SampleStream, StepSampler, seed_for, train_loader, training_split
 from bsf.engine.schedule import warmup_cosine
 from bsf.engine.tasks import build_task
 from bsf.errors import CheckpointError, ConfigError
 from bsf.io import atomic_torch_save
-from bsf.model import select_weights
+from bsf.model import check_finite, read_checkpoint, select_weights
 from bsf.model.attention import use_sdpa_attention
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Engine:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.precision == "fp16")
         self.step = 0
         self.best: dict[str, Any] | None = None
-        self.split = load_cases(config.data, config.seed)
+        self.split = training_split(config.data, config.seed)
         self.stream = SampleStream(self.split.train, config.data, config.seed, self.task.random_transforms(), self.task.label_transform)
         self._batches: Iterator[dict[str, torch.Tensor]] | None = None
         self._val_items: list | None = None
@@ -228,11 +228,16 @@ class Engine:
         atomic_torch_save(self.state_dict(), path)
 
     def load_checkpoint(self, path: str | Path) -> None:
+        """Restore the state :meth:`save_checkpoint` wrote; the file is loaded with ``weights_only=True``.
+
+        The state holds only tensors, numbers, strings and plain containers, so a planted file that
+        names any other class is refused instead of run. Non-finite model weights are refused too.
+        """
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path}: no such file")
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as exc:  # torch raises many types for a damaged file
-            raise CheckpointError(f"checkpoint {path}: cannot be read ({exc})") from None
+        state = read_checkpoint(path, "checkpoint", map_location=self.device)
+        if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
+            raise CheckpointError(f"checkpoint {path}: not a bsf training checkpoint (no 'model' state)")
+        check_finite(state["model"], f"checkpoint {path}")
         self.load_state_dict(state)

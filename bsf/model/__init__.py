@@ -11,9 +11,11 @@ from bsf.model.adapt import (
 from bsf.model.checkpoint import (
     ENCODER_PREFIX,
     ImportReport,
+    check_finite,
     export_encoder,
     import_weights,
     normalize_checkpoint_keys,
+    read_checkpoint,
     save_encoder,
     select_weights,
 )
@@ -36,12 +38,14 @@ __all__ = [
     "SSLModel",
     "SSLOutput",
     "build_swin_unetr",
+    "check_finite",
     "check_input_shape",
     "count_parameters",
     "export_encoder",
     "get_size",
     "import_weights",
     "normalize_checkpoint_keys",
+    "read_checkpoint",
     "save_encoder",
     "select_weights",
 ]

@@ -29,6 +29,8 @@ __all__ = [
     "ImportReport",
     "select_weights",
     "normalize_checkpoint_keys",
+    "read_checkpoint",
+    "check_finite",
     "import_weights",
     "export_encoder",
     "save_encoder",
@@ -119,13 +121,48 @@ def select_weights(state_dict: Mapping[str, Tensor], scope: str) -> dict[str, Te
     raise ConfigError(f"unknown weight scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
 
 
-def _load(path: str | os.PathLike) -> Any:
+def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint", map_location: Any = "cpu") -> Any:
+    """Load a ``.pt`` file that a user or another site may have placed, without running code from it.
+
+    ``torch.load(weights_only=True)`` only rebuilds tensors and plain containers (dict, list, tuple, str,
+    numbers): a pickle that names any other class or callable is refused, so a planted file cannot
+    execute anything. ``what`` names the file's role in the error message (``"model"``, ``"checkpoint"``).
+
+    Raises:
+        CheckpointError: missing file, or a file that is damaged or holds anything but tensors and
+            plain containers (the message names the file and torch's reason).
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
+        raise CheckpointError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{what} {path}: is a folder, not a checkpoint file") from None
     except Exception as exc:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"{what} {path}: cannot be read safely ({type(exc).__name__}: {exc})") from None
+
+
+def check_finite(state: Mapping[str, Any], origin: str) -> None:
+    """Refuse a state dict whose floating tensors hold NaN or Inf, naming ``origin`` and the first bad tensors.
+
+    Args:
+        state: key -> tensor or NumPy array (other values are ignored).
+        origin: the file (or object) the state came from, for the message.
+
+    Raises:
+        CheckpointError: ``"<origin>: tensor <key> holds NaN/Inf (n of m values) ..."``.
+    """
+    bad: list[str] = []
+    for key, value in state.items():
+        tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+        if not isinstance(tensor, Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad.append(f"{key} ({int((~finite).sum())} of {finite.numel()} values)")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(f"{origin}: weights hold NaN/Inf: tensor {', '.join(bad[:3])}{more}; refusing to use them")
 
 
 def _unwrap(obj: Any, origin: str) -> Mapping[str, Any]:
@@ -194,10 +231,11 @@ def normalize_checkpoint_keys(obj: CheckpointSource) -> dict[str, Tensor]:
     Keys already in this layout pass unchanged. NumPy arrays become tensors.
 
     Raises:
-        CheckpointError: unreadable file, a non-tensor entry, or two keys mapping to the same key.
+        CheckpointError: unreadable file, a non-tensor entry, two keys mapping to the same key, or a
+            floating tensor holding NaN/Inf (named, with the file).
     """
     origin = os.fspath(obj) if isinstance(obj, (str, os.PathLike)) else "checkpoint"
-    loaded = _load(obj) if isinstance(obj, (str, os.PathLike)) else obj
+    loaded = read_checkpoint(obj) if isinstance(obj, (str, os.PathLike)) else obj
     state = _unwrap(loaded, origin)
     out: dict[str, Tensor] = {}
     sources: dict[str, str] = {}
@@ -209,6 +247,7 @@ def normalize_checkpoint_keys(obj: CheckpointSource) -> dict[str, Tensor]:
             raise CheckpointError(f"{origin}: keys {sources[new_key]!r} and {key!r} both map to {new_key!r}")
         out[new_key] = _to_tensor(key, value, origin)
         sources[new_key] = key
+    check_finite(out, origin)
     return out
 
 
