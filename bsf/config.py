@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,15 @@ import yaml
 from bsf.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+#: ``train.device``: auto (a GPU if there is one), cpu, mps, cuda or cuda:N.
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+#: Largest ROI side in voxels (a 0.5 mm brain is under 512 voxels across) and largest ROI volume
+#: (256 x 512 x 512 voxels = 268 MB per float32 channel): larger crops cannot fit any GPU's memory.
+MAX_ROI_SIDE = 512
+MAX_ROI_VOXELS = 256 * 512 * 512
+#: Voxel sizes a resampling target may ask for, in mm.
+SPACING_RANGE_MM = (0.1, 20.0)
 
 @dataclass
 class ModelConfig:
@@ -283,7 +294,12 @@ def load_config(source: str | Path | Mapping[str, Any] | None = None, overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = str(exc).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value {value!r} is not valid YAML ({problem})") from None
+        _set_dotted(raw, key.strip(), parsed)
     config = _build(RunConfig, _upgrade(raw), "")
     validate(config)
     return config
@@ -365,24 +381,38 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML reads 1e-4 (no dot) as a string
-        except ValueError:
-            pass
+    if hint is float:
+        number = _as_float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: {value!r} is not a finite number")
+            return number
     if hint in (int, str, bool) and type(value) is hint:
         return value
     expected = getattr(hint, "__name__", str(hint))
     raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
+def _as_float(value: Any) -> float | None:
+    """``value`` as a float when it is a number (not a bool) or a numeric string (YAML reads 1e-4 as a string)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def validate(config: RunConfig) -> None:
     """Range checks that types alone cannot express."""
     from bsf.model import MODEL_SIZES
 
+    ssl_weights = (config.ssl.rotation_weight, config.ssl.contrastive_weight, config.ssl.reconstruction_weight)
+    roi_voxels = math.prod(config.data.roi) if config.data.roi else 0
     checks = [
+        (config.seed >= 0, "seed must be >= 0"),
         (config.model.size in MODEL_SIZES, f"model.size: {config.model.size!r} is not one of {', '.join(MODEL_SIZES)}"),
         (config.model.in_channels >= 1, "model.in_channels must be >= 1"),
         (config.model.out_channels >= 1, "model.out_channels must be >= 1"),
@@ -392,21 +422,37 @@ def validate(config: RunConfig) -> None:
         (config.stage == "ssl" or config.data.dataset != "ukb", "stage finetune needs labelled data: data.dataset brats or atlas"),
         (0 <= config.finetune.sw_overlap < 1, "finetune.sw_overlap must be in [0, 1)"),
         (config.finetune.encoder_lr_scale >= 0, "finetune.encoder_lr_scale must be >= 0"),
+        (0 < config.finetune.threshold < 1, f"finetune.threshold must be in (0, 1), got {config.finetune.threshold}"),
+        (config.finetune.sw_batch_size >= 1, "finetune.sw_batch_size (windows per sliding-window batch) must be >= 1"),
         (config.finetune.output_prior is None or 0 < config.finetune.output_prior < 1, "finetune.output_prior must be in (0, 1) or null"),
         (len(config.data.roi) == 3, "data.roi must have 3 sides"),
         (all(s >= 64 and s % 32 == 0 for s in config.data.roi), "data.roi: every side must be a multiple of 32 and >= 64"),
+        (all(s <= MAX_ROI_SIDE for s in config.data.roi) and roi_voxels <= MAX_ROI_VOXELS,
+         f"data.roi {config.data.roi} cannot fit: at most {MAX_ROI_SIDE} voxels a side and {MAX_ROI_VOXELS:,} voxels in all "
+         "(the paper uses [96, 96, 96] for SSL and [128, 128, 128] for fine-tuning)"),
+        (config.data.fold is None or config.data.fold >= 0, "data.fold must be >= 0 or null"),
         (config.data.crops_per_volume >= 1, "data.crops_per_volume must be >= 1"),
         (config.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (config.data.val_cases >= 0, "data.val_cases must be >= 0"),
+        (all(w >= 0 for w in ssl_weights), "ssl.rotation_weight, contrastive_weight, reconstruction_weight must be >= 0"),
+        (config.stage != "ssl" or sum(ssl_weights) > 0, "ssl: at least one of the three loss weights must be > 0"),
         (config.ssl.temperature > 0, "ssl.temperature must be > 0"),
         (0 < config.ssl.max_box_fraction <= 1, "ssl.max_box_fraction must be in (0, 1]"),
         (0 <= config.ssl.max_corrupted_fraction <= 1, "ssl.max_corrupted_fraction must be in [0, 1]"),
         (config.optim.lr > 0, "optim.lr must be > 0"),
+        (config.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (0 <= config.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
+        (config.optim.total_steps is None or config.optim.total_steps >= 1, "optim.total_steps must be >= 1 or null"),
         (config.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
         (config.optim.accumulate >= 1, "optim.accumulate must be >= 1"),
         (config.optim.grad_clip is None or config.optim.grad_clip > 0, "optim.grad_clip must be > 0 or null"),
         (config.train.steps >= 0, "train.steps must be >= 0"),
+        (config.train.log_every >= 1, "train.log_every must be >= 1 (log every N steps)"),
+        (config.train.val_every >= 0, "train.val_every must be >= 0 (0: validate at the end only)"),
+        (config.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: at the end only)"),
+        (bool(DEVICE_PATTERN.match(config.train.device)),
+         f"train.device: {config.train.device!r} is not auto, cpu, mps, cuda or cuda:N"),
         (config.schedule_steps >= 1, "optim.total_steps must be >= 1"),
         (config.federation is None or config.train.steps == config.federation.schedule_steps,
          f"train.steps must equal federation.rounds * federation.local_steps "
@@ -434,8 +480,8 @@ def _transforms_checks(config: RunConfig) -> list[tuple[bool, str]]:
     return [
         (t.orientation is None or (len(codes) == 3 and all(sum(c in a for c in codes) == 1 for a in axes)),
          f"{key}.orientation: {t.orientation!r} must be 3 axis codes, one of L/R, P/A, I/S each (e.g. RAS), or null"),
-        (t.spacing is None or (len(t.spacing) == 3 and all(v > 0 for v in t.spacing)),
-         f"{key}.spacing must be 3 positive sizes in mm, or null"),
+        (t.spacing is None or (len(t.spacing) == 3 and all(SPACING_RANGE_MM[0] <= v <= SPACING_RANGE_MM[1] for v in t.spacing)),
+         f"{key}.spacing must be 3 voxel sizes in mm between {SPACING_RANGE_MM[0]} and {SPACING_RANGE_MM[1]}, or null"),
         (t.foreground_margin >= 0, f"{key}.foreground_margin must be >= 0"),
         (t.foreground_crop or t.foreground_margin == 0, f"{key}.foreground_margin needs foreground_crop: true"),
         (norm.method == "percentile" or not stray, f"{key}.normalize.{stray[0] if stray else ''} applies to method percentile only"),

@@ -44,3 +44,58 @@ def test_yaml_file_errors(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["ssl.rotation_weight=-1"], "ssl.rotation_weight"),
+        (["ssl.contrastive_weight=-0.5"], "contrastive_weight"),
+        (["ssl.rotation_weight=0", "ssl.contrastive_weight=0", "ssl.reconstruction_weight=0"], "at least one"),
+        (["optim.weight_decay=-1e-5"], "optim.weight_decay"),
+        (["optim.min_lr_ratio=2"], "optim.min_lr_ratio"),
+        (["optim.lr=.inf"], "optim.lr"),
+        (["optim.lr=.nan"], "optim.lr"),
+        (["train.log_every=0"], "train.log_every"),
+        (["train.val_every=-1"], "train.val_every"),
+        (["train.checkpoint_every=-5"], "train.checkpoint_every"),
+        (["train.device=gpu"], "train.device"),
+        (["train.device=cuda:x"], "train.device"),
+        (["data.transforms.spacing=[0, 1, 1]"], "spacing"),
+        (["data.transforms.spacing=[1, 1, 1000]"], "spacing"),
+        (["data.transforms.spacing=[1, 1, .nan]"], "spacing"),
+        (["data.roi=[4096, 4096, 4096]"], "cannot fit"),
+        (["data.roi=[512, 512, 512]"], "cannot fit"),
+        (["data.fold=-1"], "data.fold"),
+        (["seed=-3"], "seed"),
+        (["data.roi=[1,2"], "not valid YAML"),
+        (["train.steps={"], "train.steps"),
+    ],
+)
+def test_impossible_settings_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config("stage1_test", overrides)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune.threshold=0", "finetune.threshold"),
+        ("finetune.threshold=1.5", "finetune.threshold"),
+        ("finetune.sw_batch_size=0", "finetune.sw_batch_size"),
+    ],
+)
+def test_impossible_fine_tuning_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("stage3_brats_test", [override])
+
+
+def test_a_cuda_device_this_machine_lacks_is_a_config_error():
+    import torch
+
+    from bsf.engine.engine import resolve_device
+
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ConfigError, match="train.device"):
+        resolve_device(missing)
+    assert resolve_device("cpu").type == "cpu"

@@ -33,9 +33,19 @@ _TRAIN_STREAM, _VAL_STREAM, _INIT_STREAM = 1, 2, 3  # independent RNG streams de
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> ``cuda:<local_rank>`` when a GPU is visible, else ``cpu``; a named GPU must exist.
+
+    Raises:
+        ConfigError: a CUDA device that this machine does not have (naming ``train.device``).
+    """
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ConfigError(f"train.device={name}: this machine has {count} CUDA GPU(s); use auto or cpu")
+    return device
 
 
 def build_model(config: RunConfig) -> torch.nn.Module:
