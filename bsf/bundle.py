@@ -10,7 +10,11 @@ Layout written::
 ``inference.json`` reproduces ``bsf predict``: LoadImaged -> the training preprocessing of ``data.transforms`` (by default
 Orientationd RAS -> CropForegroundd -> NormalizeIntensityd (brain, per channel)) -> SpatialPadd(roi); SlidingWindowInferer (roi, overlap, Gaussian); sigmoid,
 threshold, regions -> labels (BraTS 1/2/4 or 3, ATLAS 0/1); Invertd back to the input's grid; SaveImaged with
-the input's affine. It needs no pytorch-ignite: ``run`` is a plain loop over the dataset. Run it with::
+the input's affine. The windows and threshold are :class:`bsf.inference.WindowSettings` of the model's config, the
+ones ``bsf predict`` and validation use. It needs no pytorch-ignite: ``run`` is a plain loop over the dataset.
+
+A folder that already holds files is refused unless ``force`` (``bsf bundle export --force``), which replaces the
+four files above and leaves any others; the model file itself is never overwritten. Run the bundle with::
 
     python -c "from monai.bundle import run; run(config_file='DIR/configs/inference.json', \
         meta_file='DIR/configs/metadata.json', bundle_root='DIR', image=['flair.nii.gz', ...], output_dir='out')"
@@ -31,9 +35,10 @@ import numpy as np
 import torch
 
 from bsf.data.transforms import preprocessing_steps
-from bsf.errors import DataError
+from bsf.inference import WindowSettings
 from bsf.io import atomic_path, atomic_torch_save, atomic_write_json
 from bsf.model import get_size
+from bsf.outputs import check_output_file, check_output_folder, reported_write
 from bsf.predict import FinetunedModel
 
 log = logging.getLogger(__name__)
@@ -60,9 +65,9 @@ def _postprocess_expression(finetuned: FinetunedModel) -> str:
 def inference_config(finetuned: FinetunedModel) -> dict[str, Any]:
     """The content of ``configs/inference.json`` for ``finetuned``."""
     config = finetuned.config
-    m, f = config.model, config.finetune
+    m = config.model
     size = get_size(m.size)
-    roi = [int(v) for v in config.data.roi]
+    windows = WindowSettings.from_config(config)
     return {
         "imports": ["$import glob", "$import os", "$import numpy as np", "$import torch", "$import monai"],
         "bundle_root": ".",
@@ -103,17 +108,17 @@ def inference_config(finetuned: FinetunedModel) -> dict[str, Any]:
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "inferer": {
             "_target_": "SlidingWindowInferer",
-            "roi_size": roi,
-            "sw_batch_size": int(f.sw_batch_size),
-            "overlap": float(f.sw_overlap),
-            "mode": "gaussian",
+            "roi_size": list(windows.roi),
+            "sw_batch_size": windows.sw_batch_size,
+            "overlap": windows.overlap,
+            "mode": windows.mode,
             "progress": True,
         },
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [
                 {"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
-                {"_target_": "AsDiscreted", "keys": "pred", "threshold": float(f.threshold)},
+                {"_target_": "AsDiscreted", "keys": "pred", "threshold": windows.threshold},
                 {"_target_": "Lambdad", "keys": "pred", "func": _postprocess_expression(finetuned)},
                 {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image", "nearest_interp": True},
                 {
@@ -232,26 +237,38 @@ python -m monai.bundle run --config_file configs/inference.json --meta_file conf
 """
 
 
-def export_bundle(finetuned: FinetunedModel, out_dir: str | os.PathLike) -> Path:
-    """Write the bundle for ``finetuned`` into ``out_dir`` (created; files in it are replaced atomically)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"bundle folder {out}: exists and is not a folder")
+#: the files a bundle consists of, relative to its folder
+BUNDLE_FILES = ("models/model.pt", "configs/inference.json", "configs/metadata.json", "docs/README.md")
+
+
+def export_bundle(finetuned: FinetunedModel, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write the bundle for ``finetuned`` into ``out_dir`` (created; each file written atomically).
+
+    Raises:
+        OutputError: ``out_dir`` is a file, already holds entries and ``force`` is not set, a bundle file would
+            replace the model being exported (or a folder is in its way), or writing failed (named).
+    """
+    out = check_output_folder(out_dir, what="bundle folder", inputs=[finetuned.path], force=force)
+    paths = {name: check_output_file(out / name, what="bundle file", inputs=[finetuned.path], force=True) for name in BUNDLE_FILES}
     state = {k: v.detach().to("cpu", copy=True) for k, v in finetuned.model.state_dict().items()}
-    atomic_torch_save(state, out / "models" / "model.pt")
-    atomic_write_json(inference_config(finetuned), out / "configs" / "inference.json")
     meta = metadata(finetuned)
-    atomic_write_json(meta, out / "configs" / "metadata.json")
+    with reported_write(out, what="bundle folder"):
+        atomic_torch_save(state, paths["models/model.pt"])
+        atomic_write_json(inference_config(finetuned), paths["configs/inference.json"])
+        atomic_write_json(meta, paths["configs/metadata.json"])
+        with atomic_path(paths["docs/README.md"]) as tmp:
+            tmp.write_text(_readme(finetuned, meta))
+    log.info("wrote MONAI bundle %s (%d tensors)", out, len(state))
+    return out
+
+
+def _readme(finetuned: FinetunedModel, meta: dict[str, Any]) -> str:
+    """``docs/README.md``: how to run the bundle on one case or a datalist."""
     modalities = finetuned.modalities
-    example = "[" + ", ".join(f"'{m}.nii.gz'" for m in modalities) + "]"
-    readme = _README.format(
+    return _README.format(
         name=meta["name"],
         source=finetuned.path,
         modalities=", ".join(modalities),
         labels=", ".join(f"{k} {v}" for k, v in meta["label_classes"].items()),
-        example=example,
+        example="[" + ", ".join(f"'{m}.nii.gz'" for m in modalities) + "]",
     )
-    with atomic_path(out / "docs" / "README.md") as tmp:
-        tmp.write_text(readme)
-    log.info("wrote MONAI bundle %s (%d tensors)", out, len(state))
-    return out

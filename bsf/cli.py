@@ -172,7 +172,7 @@ def cmd_config(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from bsf.fl.export import export_global_encoder
 
-    written = export_global_encoder(args.model, args.out)
+    written = export_global_encoder(args.model, args.out, force=args.force)
     print(f"wrote the encoder checkpoint {written}")
 
 
@@ -198,7 +198,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     inputs, overrides = _split_overrides(args.input, args.overrides)
     check_input_paths(inputs)
     finetuned = _finetuned(args, overrides)
-    prediction = predict_to_file(finetuned, inputs, args.output, progress=not args.no_progress)
+    prediction = predict_to_file(finetuned, inputs, args.output, progress=not args.no_progress, force=args.force, max_voxels=_max_voxels(args))
     counts = ", ".join(f"{label}: {n}" for label, n in label_counts(prediction.labels).items())
     print(f"wrote {args.output}: {finetuned.dataset} label map {prediction.labels.shape} in the input's grid (voxels per label {counts})")
 
@@ -215,6 +215,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         out_dir=args.out,
         progress=not args.no_progress,
         save_predictions=args.save_predictions,
+        max_voxels=_max_voxels(args),
     )
     print(format_table(result))
     print(f"{result.summary['n']} {args.split} case(s); wrote {result.csv_path} and {result.json_path}")
@@ -223,7 +224,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_bundle_export(args: argparse.Namespace) -> None:
     from bsf.bundle import export_bundle
 
-    out = export_bundle(_finetuned(args, args.overrides), args.out)
+    out = export_bundle(_finetuned(args, args.overrides), args.out, force=args.force)
     print(f"wrote MONAI bundle {out}: configs/inference.json, configs/metadata.json, models/model.pt (run it: {out / 'docs' / 'README.md'})")
 
 
@@ -232,6 +233,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="training config (YAML or preset); default: the one in/beside the model file")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. finetune.threshold=0.4")
+
+
+def add_max_voxels_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-voxels", type=_positive_int, default=None, metavar="N",
+                        help="refuse an input file whose header claims more voxels than N, before reading it "
+                             "(default: bsf.predict.DEFAULT_MAX_VOXELS, 2**26 = 67,108,864)")
+
+
+def _max_voxels(args: argparse.Namespace) -> int:
+    from bsf.predict import DEFAULT_MAX_VOXELS
+
+    return args.max_voxels or DEFAULT_MAX_VOXELS
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
 
 
 # ----------------------------------------------------------------------- demo
@@ -315,14 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write the encoder of a model/checkpoint as an encoder checkpoint for the next stage")
     export.add_argument("--model", required=True, help="checkpoint_best.pt, FL_global_model.pt (or a server run folder / simulator workspace) or any supported layout")
-    export.add_argument("--out", required=True)
+    export.add_argument("--out", required=True, help="encoder checkpoint to write (never the model itself)")
+    export.add_argument("--force", action="store_true", help="replace --out when it already exists")
     export.set_defaults(func=cmd_export)
 
     predict = sub.add_parser("predict", help="segment one case with a fine-tuned model: a label map in the input's grid and affine")
     add_model_arguments(predict)
     predict.add_argument("--input", required=True, nargs="+", metavar="CASE_DIR_OR_FILE",
                          help="a BraTS case folder (modalities found by suffix), an ATLAS T1w file or folder, or NIfTI files in the model's modality order")
-    predict.add_argument("--output", required=True, help="label map to write (.nii.gz)")
+    predict.add_argument("--output", required=True, help="label map to write (.nii.gz); never one of the inputs")
+    predict.add_argument("--force", action="store_true", help="replace --output when it already exists")
+    add_max_voxels_argument(predict)
     predict.add_argument("--no-progress", action="store_true")
     predict.set_defaults(func=cmd_predict)
 
@@ -332,14 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="validation", choices=["validation", "training", "all"])
     evaluate.add_argument("--root", default=None, help="folder the datalist's paths are relative to (default: its 'root', else its folder)")
     evaluate.add_argument("--out", default=None, help="output folder (default: MODEL_FOLDER/evaluate_SPLIT)")
-    evaluate.add_argument("--save-predictions", action="store_true", help="also write each case's label map to OUT/predictions/")
+    evaluate.add_argument("--save-predictions", action="store_true",
+                          help="also write each case's label map to OUT/predictions/<case id, made a safe file name>.nii.gz")
+    add_max_voxels_argument(evaluate)
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 
     bundle = sub.add_parser("bundle", help="MONAI bundles").add_subparsers(dest="bundle_command", required=True)
     bundle_export = bundle.add_parser("export", help="write a fine-tuned model as a MONAI bundle (configs + weights)")
     add_model_arguments(bundle_export)
-    bundle_export.add_argument("--out", required=True, help="bundle folder to write")
+    bundle_export.add_argument("--out", required=True, help="bundle folder to write (new or empty)")
+    bundle_export.add_argument("--force", action="store_true", help="write into a folder that already holds files (the bundle's files are replaced)")
     bundle_export.set_defaults(func=cmd_bundle_export)
 
     demo = sub.add_parser("demo", help="on CPU: Stage 1 SSL centrally, then Stage 1 -> 2 -> 3 federated on 5 simulated sites, with a report")

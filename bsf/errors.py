@@ -15,3 +15,7 @@ class DataError(BSFError):
 
 class CheckpointError(BSFError):
     """A checkpoint cannot be read or does not match the model; the message lists every unmatched key."""
+
+
+class OutputError(BSFError):
+    """An output path cannot be written safely (a folder, one of the inputs, an existing file, no permission)."""

@@ -5,6 +5,12 @@ made in the input's own grid and scored there against the case's label file, as 
 submission. BraTS: Dice and HD95 (mm, from the header's voxel size) of the TC, WT and ET regions derived from
 both label maps, and their means. ATLAS: Dice, volume difference (mm^3), simple lesion count and lesion-wise F1
 (:mod:`bsf.metrics.lesions`). Empty regions follow the definitions in :mod:`bsf.metrics`.
+
+Every case's headers, label included, are checked before its voxels are read (:func:`bsf.predict.check_headers`).
+With ``save_predictions`` each label map is written to ``<out>/predictions/<name>.nii.gz``, ``<name>`` derived from
+the case id by :func:`bsf.outputs.safe_file_name` (a case id holding ``/``, ``..`` or odd characters is cleaned
+and hashed) and checked to stay inside that folder and to be none of the data set's files. The output folder
+is this command's own: ``metrics.csv``, ``summary.json`` and predictions from an earlier run are replaced.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bsf.data.check import case_files
 from bsf.data.index import MODALITIES, absolute, case_id, read_datalist, select_modalities
 from bsf.data.pipeline import fold_split
-from bsf.errors import DataError
+from bsf.errors import DataError, OutputError
 from bsf.io import atomic_path, atomic_write_json
 from bsf.metrics import BRATS_REGIONS, brats_dice, brats_hd95, brats_regions, lesion_metrics
-from bsf.predict import CaseInputs, FinetunedModel, check_grids, predict_case, save_label_map
+from bsf.outputs import check_output_folder, inside, reported_write, safe_file_name, same_file
+from bsf.predict import DEFAULT_MAX_VOXELS, CaseInputs, FinetunedModel, check_headers, predict_case, save_label_map
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +116,12 @@ def _et_label(finetuned: FinetunedModel, truth: np.ndarray) -> int:
     return 3 if 3 in values and 4 not in values else 4
 
 
-def _score_case(finetuned: FinetunedModel, case: dict, progress: bool) -> tuple[dict[str, float], Any]:
+def _score_case(finetuned: FinetunedModel, case: dict, max_voxels: int) -> tuple[dict[str, float], Any]:
     files = case["image"] if isinstance(case["image"], list) else [case["image"]]
     inputs = CaseInputs([Path(f) for f in files])
-    for path in inputs.files:
-        if not path.is_file():
-            raise DataError(f"case {case_id(case)}: image file {path}: no such file")
-    reference = check_grids(inputs.files)
     label_path = Path(case["label"])
-    truth = _truth(label_path, tuple(reference.shape[:3]))
+    reference = check_headers(inputs.files, label_path, max_voxels=max_voxels, case=case_id(case))
+    truth = _truth(label_path)
     spacing = tuple(float(z) for z in reference.header.get_zooms()[:3])
     if finetuned.dataset == "brats":
         et = _et_label(finetuned, truth)
@@ -124,7 +129,7 @@ def _score_case(finetuned: FinetunedModel, case: dict, progress: bool) -> tuple[
             true_regions = brats_regions(truth, et_label=et)
         except DataError as exc:
             raise DataError(f"label file {label_path}: {exc}") from None
-        prediction = predict_case(finetuned, inputs, progress=progress, et_label=et)
+        prediction = predict_case(finetuned, inputs, et_label=et, max_voxels=max_voxels)
         pred_regions = brats_regions(prediction.labels, et_label=et)
         dice = brats_dice(pred_regions, true_regions)
         hd = brats_hd95(pred_regions, true_regions, spacing)
@@ -133,7 +138,7 @@ def _score_case(finetuned: FinetunedModel, case: dict, progress: bool) -> tuple[
         values = set(np.unique(truth).tolist())
         if not values <= {0, 1}:
             raise DataError(f"label file {label_path}: lesion mask has values {sorted(values - {0, 1})}; expected 0/1")
-        prediction = predict_case(finetuned, inputs, progress=progress)
+        prediction = predict_case(finetuned, inputs, max_voxels=max_voxels)
         m = lesion_metrics(prediction.labels > 0, truth > 0, spacing)
         row = {
             "dice": m["dice"],
@@ -142,6 +147,28 @@ def _score_case(finetuned: FinetunedModel, case: dict, progress: bool) -> tuple[
             "lesionwise_f1": m["lesionwise_f1"],
         }
     return row, prediction
+
+
+def prediction_paths(cases: Sequence[dict], folder: Path) -> list[Path]:
+    """``folder/<safe name>.nii.gz`` per case (:func:`bsf.outputs.safe_file_name` of its id), checked before any work.
+
+    Raises:
+        OutputError: two cases would share a file, a path resolves outside ``folder`` (a symbolic link planted
+            there), or a path is one of the cases' own files (images or labels).
+    """
+    sources = [Path(path) for case in cases for _, path in case_files(case)]
+    paths, owners = [], {}
+    for case in cases:
+        name = case_id(case)
+        path = inside(folder / f"{safe_file_name(name)}.nii.gz", folder, what=f"case {name!r}: prediction")
+        if path.name in owners:
+            raise OutputError(f"cases {owners[path.name]!r} and {name!r} would both write the prediction {path}; give them distinct ids")
+        owners[path.name] = name
+        clash = next((source for source in sources if same_file(path, source)), None)
+        if clash is not None:
+            raise OutputError(f"case {name!r}: its prediction {path} is the data file {clash}; choose another --out")
+        paths.append(path)
+    return paths
 
 
 def _statistics(values: Sequence[float]) -> dict[str, float]:
@@ -155,7 +182,7 @@ def _write_csv(rows: list[dict[str, Any]], columns: list[str], path: Path) -> No
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    with atomic_path(path) as tmp:
+    with reported_write(path), atomic_path(path) as tmp:
         tmp.write_text(buffer.getvalue())
 
 
@@ -168,6 +195,7 @@ def evaluate(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     save_predictions: bool = False,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> Evaluation:
     """Score ``finetuned`` on the ``split`` cases of ``datalist``; write ``metrics.csv`` and ``summary.json``.
 
@@ -176,23 +204,26 @@ def evaluate(
         split: ``validation`` (the datalist's list, else its fold ``data.fold``), ``training`` or ``all``.
         root: folder the datalist's relative paths resolve against (default: its ``root``, else its folder).
         out_dir: where the files go (default: ``<model folder>/evaluate_<split>``).
-        save_predictions: also write each case's label map to ``out_dir/predictions/<case>.nii.gz``.
+        save_predictions: also write each case's label map to ``out_dir/predictions/<name>.nii.gz`` (see the module
+            docstring for how ``<name>`` is derived from the case id).
+        max_voxels: the most voxels an input or label file may have (checked on its header before it is read).
 
     The summary JSON holds ``n``, and per metric ``mean``, ``std`` (population, ddof 0), ``min``, ``max``.
     """
     started = time.perf_counter()
     cases, datalist_path = _cases(finetuned, datalist, split, root)
     out = Path(out_dir) if out_dir is not None else finetuned.path.parent / f"evaluate_{split}"
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output folder {out}: exists and is not a folder")
+    check_output_folder(out, reuse=True)
+    csv_path, json_path = out / "metrics.csv", out / "summary.json"
+    outputs = prediction_paths(cases, out / "predictions") if save_predictions else [None] * len(cases)
     columns = ["case", *metric_names(finetuned.dataset)]
     rows = []
-    for case in tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not progress):
+    for case, output in zip(tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not progress), outputs):
         name = case_id(case)
-        scores, prediction = _score_case(finetuned, case, progress=False)
+        scores, prediction = _score_case(finetuned, case, max_voxels)
         rows.append({"case": name, **scores})
-        if save_predictions:
-            save_label_map(prediction.labels, prediction.reference, out / "predictions" / f"{name}.nii.gz")
+        if output is not None:
+            save_label_map(prediction.labels, prediction.reference, output)
         log.info("%s: %s", name, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     metrics = {name: _statistics([row[name] for row in rows]) for name in columns[1:]}
     summary = {
@@ -206,10 +237,10 @@ def evaluate(
         "metrics": metrics,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    csv_path, json_path = out / "metrics.csv", out / "summary.json"
     _write_csv(rows, columns, csv_path)
     summary["csv"] = str(csv_path)
-    atomic_write_json(summary, json_path)
+    with reported_write(json_path):
+        atomic_write_json(summary, json_path)
     return Evaluation(rows, summary, csv_path, json_path)
 
 
@@ -242,12 +273,13 @@ def predict_validation_case(run_config: str | Path, data_root: str | Path, globa
     ``regions`` names and the ``dataset``.
     """
     from bsf.data.pipeline import load_cases
-    from bsf.engine import build_model, load_config
+    from bsf.engine import load_config
     from bsf.engine.tasks import build_task
+    from bsf.inference import build_network
     from bsf.model import import_weights
 
     config = load_config(run_config, overrides=[f"data.root={data_root}", "data.datalist=null", "model.pretrained=null", "train.device=cpu"])
-    model = build_model(config)
+    model = build_network(config)
     report = import_weights(model, str(global_model), scope="all", strict=True)
     log.info("overlay model: %s", report.summary().splitlines()[0])
     model.eval()

@@ -4,19 +4,25 @@ The route from input files to a label map in the input's own grid::
 
     NIfTI files (model's modality order) --deterministic training transforms (data.transforms), no label-->
         by default orientation RAS -> crop to the brain -> z-score (brain, per channel) -> pad to the ROI
-    --sliding-window inference (data.roi, finetune.sw_overlap, Gaussian blending)--> sigmoid probabilities
+    --sliding-window inference (bsf.inference: data.roi, finetune.sw_overlap, Gaussian blending)--> sigmoid probabilities
     --threshold finetune.threshold--> regions (BraTS TC, WT, ET; ATLAS lesion)
     --regions_to_labels--> label map (BraTS 0/1/2/4, or 3 for ET with 2023+ naming; ATLAS 0/1)
     --MONAI inverse of pad, crop and orientation--> the input's shape, written with the input's affine and header.
 
 Crop, pad and reorientation move voxels without interpolation, so the inversion is exact (a ``data.transforms.spacing``
 resample is inverted by nearest-neighbour interpolation).
+
+Before any voxel is read, every input's header is checked (:func:`check_headers`: readable NIfTI, 3-D, sane spacing
+and affine, not truncated, one grid, real numbers, at most ``max_voxels`` voxels), so a header claiming gigabytes
+fails with its file named before memory is committed. The output is checked before the work too
+(:func:`bsf.outputs.check_output_file`): never one of the inputs, and an existing file only with ``force``.
 """
 
 from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,29 +32,31 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, EnsureTyped, InvertibleTransform, Invertd
 from torch import nn
 
 from bsf.config import DataConfig, RunConfig, load_config
+from bsf.data.check import ERROR, case_header_problems
 from bsf.data.pipeline import CheckedLoadd, CompactImaged, as_data_error, deterministic_transforms
 from bsf.data.transforms import INTENSITY_ONLY
 from bsf.engine.engine import resolve_device
 from bsf.engine.tasks import input_modalities
 from bsf.errors import CheckpointError, ConfigError, DataError
+from bsf.inference import build_network, segment
 from bsf.io import atomic_path
-from bsf.model import build_swin_unetr, import_weights
+from bsf.model import import_weights, read_checkpoint
+from bsf.outputs import check_output_file, reported_write
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "BRATS_FILE_SUFFIXES",
+    "DEFAULT_MAX_VOXELS",
     "CaseInputs",
     "FinetunedModel",
     "Prediction",
-    "build_network",
     "check_input_paths",
-    "check_grids",
+    "check_headers",
     "inference_transforms",
     "load_finetuned",
     "predict_case",
@@ -69,6 +77,11 @@ NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 ATLAS_T1W = "_T1w"
 #: where :func:`load_finetuned` looks, beside the model file, for the config of a weights-only checkpoint
 CONFIG_NEIGHBOURS = ("checkpoint_last.pt", "summary.json", "config/bsf_run.yaml")
+#: most voxels per input file a reader accepts (``--max-voxels``): 2**26 = 67 million, e.g. 406^3, 7.5 times a BraTS
+#: volume (240 x 240 x 155); one float32 channel of it takes 256 MiB, and inference holds a few copies per channel
+DEFAULT_MAX_VOXELS = 2**26
+#: NumPy dtype kinds of voxels a reader accepts: integers and real floats (no complex, RGB or other records)
+VOXEL_KINDS = "iuf"
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -97,13 +110,6 @@ class FinetunedModel:
         return 3 if fmt == "brats2023" or (fmt == "auto" and brats2023_names) else 4
 
 
-def _read_checkpoint(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged or foreign file
-        raise CheckpointError(f"model {path}: cannot be read ({type(exc).__name__}: {exc})") from None
-
-
 def _neighbour_config(path: Path) -> tuple[Any, str] | None:
     """The training config stored beside a weights-only checkpoint (see :data:`CONFIG_NEIGHBOURS`)."""
     import json
@@ -113,7 +119,7 @@ def _neighbour_config(path: Path) -> tuple[Any, str] | None:
         if not candidate.is_file() or candidate.resolve() == path.resolve():
             continue
         if candidate.suffix == ".pt":
-            state = _read_checkpoint(candidate)
+            state = read_checkpoint(candidate, "config checkpoint")
             if isinstance(state, Mapping) and isinstance(state.get("config"), Mapping):
                 return dict(state["config"]), str(candidate)
         elif candidate.suffix == ".json":
@@ -126,12 +132,6 @@ def _neighbour_config(path: Path) -> tuple[Any, str] | None:
         else:
             return candidate, str(candidate)
     return None
-
-
-def build_network(config: RunConfig) -> nn.Module:
-    """The bare SwinUNETR a fine-tuning config describes (no pretrained encoder is loaded)."""
-    m = config.model
-    return build_swin_unetr(m.size, m.in_channels, m.out_channels, dropout=m.dropout)
 
 
 def load_finetuned(
@@ -161,7 +161,7 @@ def load_finetuned(
     path = Path(model_path)
     if not path.is_file():
         raise CheckpointError(f"model {path}: no such file")
-    state = _read_checkpoint(path)
+    state = read_checkpoint(path, "model")
     if config is not None:
         source: Any = config
         origin = str(config) if not isinstance(config, Mapping) else "the given config"
@@ -293,23 +293,47 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike], config: RunConfig) -> Ca
     return CaseInputs(paths, brats2023)
 
 
-def check_grids(files: Sequence[Path]) -> nib.spatialimages.SpatialImage:
-    """The first file's image (header only); DataError when a file is unreadable or the grids differ."""
-    images = []
-    for path in files:
-        try:
-            images.append(nib.load(path))
-        except Exception as exc:  # noqa: BLE001 - any reader failure is reported with the file's name
-            raise DataError(f"input file {path}: cannot read as NIfTI ({type(exc).__name__}: {exc})") from None
-    first = images[0]
-    if len(first.shape) < 3:
-        raise DataError(f"input file {files[0]}: not a 3-D image (shape {first.shape})")
-    for path, image in zip(files[1:], images[1:]):
-        if image.shape[:3] != first.shape[:3]:
-            raise DataError(f"input file {path}: shape {image.shape[:3]} differs from {files[0].name}'s {first.shape[:3]}")
-        if not np.allclose(image.affine, first.affine, atol=1e-3):
-            raise DataError(f"input file {path}: its affine differs from {files[0].name}'s (the modalities must share one grid)")
-    return first
+def check_headers(
+    files: Sequence[Path], label: Path | None = None, *, max_voxels: int = DEFAULT_MAX_VOXELS, case: str | None = None
+) -> nib.spatialimages.SpatialImage:
+    """Check one case's headers before any voxel is read; returns the first file's image (header only, lazy).
+
+    The header checks of ``bsf data check`` (:func:`bsf.data.check.case_header_problems`: readable NIfTI, 3-D,
+    positive spacing, a regular affine, not truncated, one grid for all files including ``label``), then per file
+    a voxel count of at most ``max_voxels`` and integer or real-float voxels. Warnings are logged.
+
+    Raises:
+        DataError: naming the case (when given), each failing file and its problem.
+    """
+    entries = {"image": [str(f) for f in files], **({"label": str(label)} if label is not None else {})}
+    problems = case_header_problems(entries)
+    for problem in problems:
+        if problem.severity != ERROR:
+            log.warning("%s: %s", problem.file, problem.problem)
+    errors = [f"{_role(p.file, label)} {p.file}: {p.problem}" for p in problems if p.severity == ERROR]
+    images = {} if errors else {path: nib.load(path) for path in [*files, *([label] if label is not None else [])]}
+    for path, image in images.items():
+        errors += _size_problems(path, image, label, max_voxels)
+    if errors:
+        raise DataError((f"case {case}: " if case else "") + "; ".join(errors))
+    return images[files[0]]
+
+
+def _role(path: str | Path, label: Path | None) -> str:
+    return "label file" if label is not None and str(path) == str(label) else "input file"
+
+
+def _size_problems(path: Path, image: nib.spatialimages.SpatialImage, label: Path | None, max_voxels: int) -> list[str]:
+    """What the header of ``path`` claims that a reader should not allocate: too many voxels, or non-real voxels."""
+    found = []
+    voxels = math.prod(int(n) for n in image.shape)
+    if voxels > max_voxels:
+        found.append(f"{_role(path, label)} {path}: its header claims {image.shape} = {voxels:,} voxels, more than the "
+                     f"limit of {max_voxels:,} (--max-voxels)")
+    dtype = image.get_data_dtype()
+    if dtype.kind not in VOXEL_KINDS:
+        found.append(f"{_role(path, label)} {path}: holds {dtype} voxels; expected integers or real floats")
+    return found
 
 
 # -------------------------------------------------------------------------------------- inference
@@ -347,17 +371,6 @@ def regions_to_labels(regions: np.ndarray | torch.Tensor, et_label: int = 4) -> 
     return labels
 
 
-def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, config: RunConfig, *, progress: bool = False) -> torch.Tensor:
-    """(1, C, X, Y, Z) -> sigmoid probabilities (1, K, X, Y, Z); the same windows as validation in training
-    (:meth:`bsf.engine.segmentation.SegmentationTask.predict`)."""
-    f = config.finetune
-    with torch.no_grad():
-        logits = sliding_window_inference(
-            image, list(config.data.roi), f.sw_batch_size, model, overlap=f.sw_overlap, mode="gaussian", progress=progress
-        )
-    return torch.sigmoid(logits)
-
-
 @dataclass
 class Prediction:
     """A case's label map in the input's grid (shape and affine of ``reference``)."""
@@ -374,10 +387,11 @@ def predict_case(
     progress: bool = False,
     et_label: int | None = None,
     model: nn.Module | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> Prediction:
     """Segment one case (see the module docstring). ``model`` replaces ``finetuned.model`` (tests)."""
     case = inputs if isinstance(inputs, CaseInputs) else resolve_inputs(inputs, finetuned.config)
-    reference = check_grids(case.files)
+    reference = check_headers(case.files, max_voxels=max_voxels)
     config = finetuned.config
     transform = inference_transforms(config.data)
     image_entry: str | list[str] = [str(f) for f in case.files] if len(case.files) > 1 else str(case.files[0])
@@ -389,9 +403,9 @@ def predict_case(
     if image.shape[0] != config.model.in_channels:
         raise DataError(f"{case.files[0]}: {image.shape[0]} channel(s) loaded; the model takes {config.model.in_channels}")
     network = model if model is not None else finetuned.model
-    probabilities = sliding_window_probabilities(network, image.as_tensor()[None].to(finetuned.device), config, progress=progress)[0].cpu()
+    regions = segment(network, image.as_tensor()[None].to(finetuned.device), config, progress=progress)[0].cpu()
     et = et_label if et_label is not None else finetuned.et_label(case.brats2023_names)
-    labels = regions_to_labels(probabilities > config.finetune.threshold, et)
+    labels = regions_to_labels(regions, et)
     pred = MetaTensor(torch.from_numpy(labels[None].astype(np.float32)), meta=dict(image.meta))
     inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)({"image": image, "pred": pred})["pred"]
     out = np.rint(np.asarray(inverted.detach().cpu())[0]).astype(np.uint8)
@@ -417,7 +431,7 @@ def save_label_map(labels: np.ndarray, reference: nib.spatialimages.SpatialImage
     payload = image.to_bytes()
     if path.name.lower().endswith(".gz"):
         payload = gzip.compress(payload, compresslevel=6, mtime=0)
-    with atomic_path(path) as tmp:
+    with reported_write(path), atomic_path(path) as tmp:
         tmp.write_bytes(payload)
     return path
 
@@ -428,15 +442,27 @@ def predict_to_file(
     output: str | os.PathLike,
     *,
     progress: bool = True,
+    force: bool = False,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> Prediction:
-    """``bsf predict``: resolve the inputs, segment, write the label map to ``output`` (atomically)."""
+    """``bsf predict``: resolve the inputs, segment, write the label map to ``output`` (atomically).
+
+    ``output`` is checked before the work (:func:`bsf.outputs.check_output_file`): it must end in ``.nii.gz`` or
+    ``.nii``, must not be one of the inputs (refused even with ``force``), and an existing file is replaced only
+    with ``force`` (``bsf predict --force``).
+
+    Raises:
+        OutputError: the output cannot be written safely (see above), or writing it failed.
+        DataError: an input is missing or its header fails :func:`check_headers`.
+    """
     output = Path(output)
     if not output.name.lower().endswith(NIFTI_EXTENSIONS):
         raise DataError(f"output {output}: must end in .nii.gz or .nii")
     case = resolve_inputs(inputs, finetuned.config)
+    check_output_file(output, inputs=[*case.files, *inputs], force=force)
     for modality, path in zip(finetuned.modalities, case.files):
         log.info("input %s: %s", modality, path)
-    prediction = predict_case(finetuned, case, progress=progress)
+    prediction = predict_case(finetuned, case, progress=progress, max_voxels=max_voxels)
     save_label_map(prediction.labels, prediction.reference, output)
     return prediction
 

@@ -8,7 +8,6 @@ from typing import Any, Hashable, Mapping
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceLoss
 from monai.transforms import Compose, MapTransform
 from torch import nn
@@ -17,8 +16,8 @@ from bsf.config import RunConfig
 from bsf.data.pipeline import validation_volumes
 from bsf.data.transforms import random_transforms
 from bsf.errors import DataError
+from bsf.inference import build_network, segment
 from bsf.metrics import BRATS_REGIONS, brats_dice, brats_regions, dice_score
-from bsf.model import build_swin_unetr
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +96,7 @@ class SegmentationTask:
     def build_model(self) -> nn.Module:
         from bsf.engine.tasks import load_pretrained_if_configured
 
-        m = self.config.model
-        model = build_swin_unetr(m.size, m.in_channels, m.out_channels, dropout=m.dropout, use_checkpoint=m.use_checkpoint)
+        model = build_network(self.config, use_checkpoint=self.config.model.use_checkpoint)
         set_output_prior(model, self.config.finetune.output_prior)
         load_pretrained_if_configured(model, self.config)
         if self.config.finetune.freeze_encoder:
@@ -141,9 +139,9 @@ class SegmentationTask:
         return self.dice(prediction, truth)
 
     def segment(self, model: nn.Module, item: Mapping[str, torch.Tensor], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-        """A validation item -> thresholded prediction and truth, boolean (K, X, Y, Z) each."""
-        probabilities = self.predict(model, item["image"].unsqueeze(0).to(device))[0]
-        return (probabilities > self.config.finetune.threshold).cpu().numpy(), item["label"].numpy() > 0.5
+        """A validation item -> thresholded prediction (:func:`bsf.inference.segment`) and truth, boolean (K, X, Y, Z) each."""
+        prediction = segment(model, item["image"].unsqueeze(0).to(device), self.config)[0]
+        return prediction.cpu().numpy(), item["label"].numpy() > 0.5
 
     def dice(self, prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
         """Dice per region (``tc``, ``wt``, ``et`` or ``lesion``) and ``mean``."""
@@ -151,9 +149,3 @@ class SegmentationTask:
             return {name.lower(): value for name, value in brats_dice(prediction, truth).items()}
         dice = dice_score(prediction[0], truth[0])
         return {"lesion": dice, "mean": dice}
-
-    def predict(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
-        """(1, C, X, Y, Z) -> sigmoid probabilities (1, K, X, Y, Z) by sliding windows of ``data.roi``."""
-        f = self.config.finetune
-        logits = sliding_window_inference(image, list(self.config.data.roi), f.sw_batch_size, model, overlap=f.sw_overlap, mode="gaussian")
-        return torch.sigmoid(logits)
