@@ -12,23 +12,46 @@ from typing import Any, Callable, Sequence
 from bsf.bench.cli import add_bench_parser
 from bsf.errors import BSFError
 from bsf.experiments.cli import add_experiment_parser
+from bsf.fl.chain import add_chain_parser
 from bsf.fl.deploy.cli import add_deploy_parser
+from bsf.fl.jobs import add_jobs_parser
 
 log = logging.getLogger("bsf")
 
 
+#: OS errors that mean a path the user gave (an argument, a config value, a folder under it) is wrong, not a bug
+USER_PATH_ERRORS = (IsADirectoryError, NotADirectoryError, FileNotFoundError, FileExistsError, PermissionError)
+
+
 def run_guarded(action: Callable[[], Any]) -> int:
-    """Run ``action``; a :class:`BSFError` becomes ``error: <message>`` on stderr and exit code 2."""
+    """Run ``action``; a user error becomes one line ``error: <message>`` on stderr and exit code 2.
+
+    User errors: a :class:`BSFError`, and an OS error of :data:`USER_PATH_ERRORS` about a named path (an output
+    path that is a folder, an unreadable file, a folder where a file should be). Anything else is a bug and keeps
+    its traceback.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         action()
     except BSFError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except USER_PATH_ERRORS as exc:
+        if exc.filename is None:
+            raise
+        log.debug("user path error", exc_info=True)  # the traceback, for a logger set to DEBUG
+        print(f"error: {path_error_message(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def path_error_message(exc: OSError) -> str:
+    """``<path>: <what is wrong>`` for an OS error about a path (both paths of a failed rename or copy)."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    return f"{paths}: {(exc.strerror or type(exc).__name__).lower()}"
 
 
 # ---------------------------------------------------------------------- model
@@ -380,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_experiment_parser(sub)
     add_deploy_parser(sub)
+    add_jobs_parser(sub)
+    add_chain_parser(sub)
     return parser
 
 

@@ -3,12 +3,12 @@
     python simulator/chain.py --out chain_out            # CPU-demo size
     python simulator/chain.py --out /tmp/chain --tiny    # smoke test
 
-All logic lives in bsf.fl.chain (``python -m bsf.fl.chain`` is the same command); see its docstring.
+The same command as ``bsf chain`` (logic: bsf.fl.chain); see ``bsf chain --help``.
 """
 
 import sys
 
-from bsf.fl.chain import main
+from bsf.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["chain", *sys.argv[1:]]))

@@ -53,10 +53,9 @@ def test_stage_jobs_scope_previous_model_and_selection_metric():
     """Stage 2 aggregates the encoder, Stage 3 everything; both need a previous model; Dice is higher-is-better."""
     for name in ("stage2_brats", "stage2_atlas", "stage3_brats", "stage3_atlas"):
         spec = COMMITTED_JOBS[name]
-        assert spec.require_pretrained, name
-        assert spec.scope == ("all" if name.startswith("stage3") else "encoder"), name
-        client = json.loads((JOBS / name / "app" / "config" / "config_fed_client.json").read_text())
-        assert f"--scope {spec.scope}" in client["executors"][0]["executor"]["args"]["task_script_args"]
+        assert spec.needs_previous_model, name
+        assert spec.federation.scope == ("all" if name.startswith("stage3") else "encoder"), name
+        assert job_config(name).federation.scope == spec.federation.scope
         server = json.loads((JOBS / name / "app" / "config" / "config_fed_server.json").read_text())
         components = {c["id"]: c for c in server["components"]}
         assert components["persistor"]["args"]["require_pretrained"] is True
@@ -97,7 +96,7 @@ def test_incompatible_previous_model_is_a_clear_error(stage1_model, tmp_path):
     state = {k: v for k, v in SSLModel("tiny", 2).state_dict().items() if k.startswith(ENC)}
     torch.save({"model": state}, tmp_path / "tiny.pt")
     with pytest.raises(CheckpointError, match=r"does not fit.*size 'test'"):
-        initial_global_weights(job_config("stage2_atlas"), "encoder", environ={ENV_PRETRAINED: str(tmp_path / "tiny.pt")})
+        initial_global_weights(job_config("stage2_atlas"), "encoder", require_pretrained=True, environ={ENV_PRETRAINED: str(tmp_path / "tiny.pt")})
     # a file that is not a checkpoint
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt"):
@@ -170,7 +169,7 @@ def chain(tmp_path_factory):
     from bsf.fl.chain import ChainConfig, run_chain
 
     cfg = ChainConfig.tiny(tmp_path_factory.mktemp("chain"))
-    return cfg, run_chain(cfg)  # each stage's simulator gets its own BSF_PRETRAINED / BSF_SITE_CONFIG
+    return cfg, run_chain(cfg)  # each stage's job names the model it starts from; BSF_SITE_CONFIG maps the sites
 
 
 def _lr_bound(job: str, steps: int) -> float:

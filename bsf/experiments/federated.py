@@ -1,25 +1,28 @@
 """A run's Stage 3 training as a one-site NVFlare federation in the simulator (``bsf experiment ... --federated``).
 
-The run's resolved config (``RUN_DIR/config.yaml``) becomes a Stage 3 job (:class:`bsf.fl.jobs.JobSpec`: whole
-network aggregated, ``train.steps / local_steps`` rounds) run by :func:`bsf.fl.jobs.simulate` with one site,
-``site-1``, whose site configuration (``RUN_DIR/site.yaml``) points it at the run's datalist. The server starts
-from the run's ``model.pretrained`` (channels adapted by name) or, for the scratch arm, from the seeded
-initialisation; a ``$BSF_PRETRAINED`` in the caller's environment is ignored so it cannot leak into that arm.
-A one-site federation reproduces centralized training (tested in ``tests/test_fl_stages.py``); a multi-site
-protocol needs real sites, see ``docs/protocols.md``.
+The run's resolved config (``RUN_DIR/config.yaml``) becomes the job of its stage of the graph
+(``stage3_brats`` or ``stage3_atlas``, :mod:`bsf.stages`): whole network aggregated, ``train.steps / local_steps``
+rounds, run by :func:`bsf.fl.jobs.simulate` with one site, ``site-1``, whose site configuration
+(``RUN_DIR/site.yaml``) points it at the run's datalist. The server starts from the run's ``model.pretrained``
+(registered as the global model of the stage this one follows, with the run's ``model.pretrained_modalities``,
+and found by :func:`bsf.stages.start_point` as every driver finds it; channels adapted by name) or, for the
+scratch arm, from the seeded initialisation. A one-site federation reproduces centralized training (tested in
+``tests/test_fl_stages.py``); a multi-site protocol needs real sites, see ``docs/protocols.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import yaml
 
-from bsf.config import RunConfig
+from bsf.config import FederationConfig, RunConfig
 from bsf.errors import BSFError, ConfigError
+from bsf.stages import STAGES, StartPoint, get_stage, start_point
 
 SITE = "site-1"
 
@@ -44,34 +47,46 @@ def _environment(changes: Mapping[str, str | None]) -> Iterator[None]:
         _set_environment(saved)
 
 
+def federation_for_steps(steps: int, local_steps: int) -> FederationConfig:
+    """The one-site federation of ``steps`` local steps in rounds of ``local_steps`` (which must divide it)."""
+    if local_steps < 1 or steps % local_steps:
+        raise ConfigError(f"--local-steps {local_steps}: must divide train.steps={steps} (rounds = steps / local steps)")
+    return FederationConfig(rounds=steps // local_steps, local_steps=local_steps, scope="all", min_clients=1, cross_site_eval=False)
+
+
+def _start(config: RunConfig, stage: str) -> StartPoint | None:
+    """Where the run's job starts: its ``model.pretrained`` as the model of the stage it follows (None: scratch)."""
+    if not config.model.pretrained:
+        return None
+    follows = get_stage(stage).follows
+    start = start_point(stage, {follows: config.model.pretrained})
+    return replace(start, modalities=tuple(config.model.pretrained_modalities))
+
+
 def train_federated(config: RunConfig, config_path: Path, run_dir: Path, local_steps: int) -> dict[str, Path]:
     """Train ``config`` as a one-site federation of ``train.steps / local_steps`` rounds; return the global models.
 
     Returns ``{"last": FL_global_model.pt, "best": best_FL_global_model.pt}`` (the server's files).
     """
+    from bsf.fl import run_folders
     from bsf.fl.jobs import JobSpec, simulate
-    from bsf.fl.model_init import ENV_PRETRAINED
     from bsf.fl.site import ENV_SITE_CONFIG
 
-    steps = config.train.steps
-    if local_steps < 1 or steps % local_steps:
-        raise ConfigError(f"--local-steps {local_steps}: must divide train.steps={steps} (rounds = steps / local steps)")
+    stage = next(s.name for s in STAGES.values() if (s.kind, s.dataset) == ("finetune", config.data.dataset))
     site_file = run_dir / "site.yaml"
     site_file.write_text(yaml.safe_dump({"data": {"dataset": config.data.dataset, "root": "", "datalist": config.data.datalist}}))
+    start = _start(config, stage)
     spec = JobSpec(
         name="stage3",
-        num_rounds=steps // local_steps,
-        min_clients=1,
-        local_steps=local_steps,
-        scope="all",
-        cross_site_eval=False,
+        stage=stage,
         run_config=str(config_path),
-        pretrained=config.model.pretrained,
-        require_pretrained=bool(config.model.pretrained),
+        federation=federation_for_steps(config.train.steps, local_steps),
+        start=start,
+        require_pretrained=start is not None,
     )
-    with _environment({ENV_SITE_CONFIG: str(site_file), ENV_PRETRAINED: None}):
+    with _environment({ENV_SITE_CONFIG: str(site_file)}):
         server = simulate(spec, run_dir / "fl", clients=[SITE])
-    models = {"last": server / "app_server" / "FL_global_model.pt", "best": server / "app_server" / "best_FL_global_model.pt"}
+    models = {"last": run_folders.global_model(server), "best": run_folders.best_model(server)}
     if not models["last"].is_file():  # the simulator can finish after a configuration error: check the artifact
         raise BSFError(f"the federated run in {run_dir} produced no global model; see the logs under {server.parent}")
     return models

@@ -2,15 +2,16 @@
 
 ::
 
-    python simulator/chain.py --out chain_out            # CPU-demo size
-    python simulator/chain.py --out /tmp/chain --tiny    # 1-2 rounds x 1 step: a smoke test (minutes)
-    python -m bsf.fl.chain --out chain_out --sites ukb=3,brats=2,atlas=2 --rounds 5 --local-steps 10
+    bsf chain --out chain_out            # CPU-demo size (python simulator/chain.py is the same command)
+    bsf chain --out /tmp/chain --tiny    # 1-2 rounds x 1 step: a smoke test (minutes)
+    bsf chain --out chain_out --sites ukb=3,brats=2,atlas=2 --rounds 5 --local-steps 10
 
 Simulated sites hold synthetic data of one kind (default 2 UKB-like, 2 BraTS-like, 1 ATLAS-like),
 written once under ``<out>/data/<site>/`` and mapped to the sites by ``<out>/sites.yaml``
-(``BSF_SITE_CONFIG``). The stages run as the committed jobs do (``bsf.fl.jobs.COMMITTED_JOBS``),
-exported with this run's sizes to ``<out>/jobs/`` and started with ``nvflare simulator`` exactly as a
-user would, the previous stage's global model named by ``BSF_PRETRAINED``:
+(``BSF_SITE_CONFIG``). The stages are those of the graph (:mod:`bsf.stages`) whose data sets are
+targets, run as the committed jobs do (``bsf.fl.jobs.COMMITTED_JOBS``), exported with this run's sizes
+and the model each starts from (:func:`bsf.stages.start_point`) to ``<out>/jobs/`` and started with
+``nvflare simulator`` exactly as a user would:
 
 =============  ==========  ====================  ===============================================
 job            sites       starts from           aggregates
@@ -41,46 +42,25 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
 from bsf.errors import BSFError
+from bsf.fl import run_folders
 from bsf.fl.crosssite import write_cross_site_table
-from bsf.fl.jobs import COMMITTED_JOBS, export_job
-from bsf.fl.model_init import ENV_PRETRAINED
+from bsf.fl.jobs import COMMITTED_JOBS, JobSpec, export_job
 from bsf.fl.site import ENV_SITE_CONFIG, site_seed
+from bsf.stages import STAGES, Stage, StartPoint, plan, start_point
 
 log = logging.getLogger(__name__)
 
 DATASETS = ("ukb", "brats", "atlas")
-GLOBAL_MODEL = Path("app_server") / "FL_global_model.pt"
-BEST_MODEL = Path("app_server") / "best_FL_global_model.pt"
-SERVER_RUN = Path("server") / "simulate_job"
+FIRST_STAGE = "stage1"
 
 
 class ChainError(BSFError):
     """A stage of the chain did not produce its global model; the message says why and where the logs are."""
-
-
-@dataclass(frozen=True)
-class Stage:
-    job: str          # a key of COMMITTED_JOBS
-    dataset: str      # the kind of site it runs on
-    previous: str | None  # the job whose global model it starts from
-
-    @property
-    def number(self) -> int:
-        return int(self.job[5])
-
-
-STAGES = (
-    Stage("stage1", "ukb", None),
-    Stage("stage2_brats", "brats", "stage1"),
-    Stage("stage2_atlas", "atlas", "stage1"),
-    Stage("stage3_brats", "brats", "stage2_brats"),
-    Stage("stage3_atlas", "atlas", "stage2_atlas"),
-)
 
 
 @dataclass
@@ -132,8 +112,9 @@ class ChainConfig:
         return [f"{dataset}-{i + 1}" for i in range(self.sites.get(dataset, 0))]
 
     def stages(self) -> list[Stage]:
-        wanted = [s for s in STAGES if s.dataset in self.targets or s.job == "stage1"]
-        return [s for s in wanted if not (s.job == "stage1" and self.stage1_model)]
+        """The graph's stages on the target data sets (and Stage 1 unless its model is given), parents first."""
+        names = [s.name for s in STAGES.values() if s.dataset in self.targets or (s.follows is None and not self.stage1_model)]
+        return [stage for stage, _ in plan(names, available=[FIRST_STAGE] if self.stage1_model else [])]
 
 
 # ----------------------------------------------------------------------------- data and sites
@@ -173,6 +154,7 @@ class StageResult:
     rounds: int
     local_steps: int
     scope: str
+    previous_stage: str | None
     previous_model: str | None
     seconds: float
     run_dir: str
@@ -181,16 +163,16 @@ class StageResult:
     cross_site: dict[str, str] = field(default_factory=dict)
 
 
-def _stage_spec(cfg: ChainConfig, stage: Stage, n_sites: int):
-    base = COMMITTED_JOBS[stage.job]
-    rounds = cfg.stage3_rounds if stage.number == 3 else cfg.rounds
-    return replace(
-        base,
-        num_rounds=rounds,
+def _stage_spec(cfg: ChainConfig, stage: Stage, n_sites: int, start: StartPoint | None) -> JobSpec:
+    """The stage's committed job with this run's sizes, starting from ``start``."""
+    base = COMMITTED_JOBS[stage.name]
+    finetune = stage.kind == "finetune"
+    spec = replace(base, start=start, run_overrides=[*base.run_overrides, f"data.crops_per_volume={cfg.crops_per_volume}"])
+    return spec.with_federation(
+        rounds=cfg.stage3_rounds if finetune else cfg.rounds,
         local_steps=cfg.local_steps,
         min_clients=n_sites,
-        cross_site_eval=stage.number == 3 or cfg.cross_site_ssl,
-        run_overrides=[*base.run_overrides, f"data.crops_per_volume={cfg.crops_per_volume}"],
+        cross_site_eval=finetune or cfg.cross_site_ssl,
     )
 
 
@@ -202,30 +184,29 @@ def _server_reason(log_text: str) -> str:
     return "no error reported; see the log"
 
 
-def run_stage(cfg: ChainConfig, stage: Stage, previous_model: Path | None) -> StageResult:
-    """Export ``stage``'s job with this run's sizes and run it with ``nvflare simulator``; check its artifacts."""
+def run_stage(cfg: ChainConfig, stage: Stage, start: StartPoint | None) -> StageResult:
+    """Export ``stage``'s job (this run's sizes, starting from ``start``), run it with ``nvflare simulator``, check its artifacts."""
     sites = cfg.site_names(stage.dataset)
-    spec = _stage_spec(cfg, stage, len(sites))
+    spec = _stage_spec(cfg, stage, len(sites), start)
     job_dir = export_job(spec, cfg.out / "jobs")
-    workspace = cfg.out / "ws" / stage.job
+    workspace = cfg.out / "ws" / stage.name
     if workspace.exists():
         shutil.rmtree(workspace)
-    log_path = cfg.out / "logs" / f"{stage.job}.log"
+    log_path = cfg.out / "logs" / f"{stage.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env[ENV_SITE_CONFIG] = str(cfg.out / "sites.yaml")
     env["OMP_NUM_THREADS"] = str(cfg.threads_per_site)
-    env.pop(ENV_PRETRAINED, None)
-    if previous_model is not None:
-        env[ENV_PRETRAINED] = str(previous_model)
+    previous_model = start.model if start else None
+    fed = spec.federation
     nvflare = Path(sys.executable).with_name("nvflare")
     command = [
         str(nvflare) if nvflare.exists() else "nvflare", "simulator", str(job_dir),
         "-w", str(workspace), "-c", ",".join(sites), "-t", str(len(sites)),
     ]
     print(
-        f"[chain] {stage.job}: {len(sites)} site(s) {', '.join(sites)}, {spec.num_rounds} round(s) x {spec.local_steps} step(s), "
-        f"scope {spec.scope}" + (f", from {previous_model}" if previous_model else ""),
+        f"[chain] {stage.name}: {len(sites)} site(s) {', '.join(sites)}, {fed.rounds} round(s) x {fed.local_steps} step(s), "
+        f"scope {fed.scope}" + (f", from {start.stage}'s model {previous_model}" if start else ""),
         flush=True,
     )
     started = time.perf_counter()
@@ -237,32 +218,33 @@ def run_stage(cfg: ChainConfig, stage: Stage, previous_model: Path | None) -> St
         output, code = output + f"\n[chain] timed out after {cfg.timeout_s} s", -1
     seconds = time.perf_counter() - started
     log_path.write_text(output)
-    run_dir = workspace / SERVER_RUN
-    global_model = run_dir / GLOBAL_MODEL
+    run_dir = run_folders.simulator_run(workspace)
+    global_model = run_folders.global_model(run_dir)
     if not global_model.is_file():  # the simulator can exit 0 after a configuration error: check the artifact
         raise ChainError(
-            f"{stage.job} produced no global model (exit code {code}): {_server_reason(output)}\n"
+            f"{stage.name} produced no global model (exit code {code}): {_server_reason(output)}\n"
             f"  log: {log_path}; workspace: {workspace}"
         )
     models = cfg.out / "models"
     models.mkdir(parents=True, exist_ok=True)
-    kept = models / f"{stage.job}.pt"
+    kept = models / f"{stage.name}.pt"
     shutil.copyfile(global_model, kept)
-    best = run_dir / BEST_MODEL
+    best = run_folders.best_model(run_dir)
     result = StageResult(
-        job=stage.job, dataset=stage.dataset, sites=sites, rounds=spec.num_rounds, local_steps=spec.local_steps,
-        scope=spec.scope, previous_model=str(previous_model) if previous_model else None, seconds=round(seconds, 1),
+        job=stage.name, dataset=stage.dataset, sites=sites, rounds=fed.rounds, local_steps=fed.local_steps,
+        scope=fed.scope, previous_stage=start.stage if start else None,
+        previous_model=str(previous_model) if previous_model else None, seconds=round(seconds, 1),
         run_dir=str(run_dir), global_model=str(kept), best_model=str(best) if best.is_file() else None,
     )
-    if spec.cross_site_eval:
+    if fed.cross_site_eval:
         try:
             json_path, md_path = write_cross_site_table(
-                run_dir, cfg.out / "report" / f"cross_site_{stage.job}", title=f"Cross-site evaluation: {stage.job}"
+                run_dir, cfg.out / "report" / f"cross_site_{stage.name}", title=f"Cross-site evaluation: {stage.name}"
             )
             result.cross_site = {"json": str(json_path), "markdown": str(md_path)}
         except FileNotFoundError as exc:
-            raise ChainError(f"{stage.job}: {exc}; log: {log_path}") from None
-    print(f"[chain] {stage.job}: done in {seconds:.0f} s -> {kept}", flush=True)
+            raise ChainError(f"{stage.name}: {exc}; log: {log_path}") from None
+    print(f"[chain] {stage.name}: done in {seconds:.0f} s -> {kept}", flush=True)
     return result
 
 
@@ -280,12 +262,11 @@ def run_chain(cfg: ChainConfig) -> dict[str, Any]:
         path = Path(cfg.stage1_model).resolve()
         if not path.is_file():
             raise ChainError(f"--stage1-model {path}: no such file")
-        models["stage1"] = path
+        models[FIRST_STAGE] = path
     for stage in cfg.stages():
-        previous = models[stage.previous] if stage.previous else None
-        result = run_stage(cfg, stage, previous)
-        results[stage.job] = result
-        models[stage.job] = Path(result.global_model)
+        result = run_stage(cfg, stage, start_point(stage.name, models))
+        results[stage.name] = result
+        models[stage.name] = Path(result.global_model)
     summary: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "sites": {site: str(root) for site, root in roots.items()},
@@ -311,10 +292,11 @@ def _parse_sites(text: str) -> dict[str, int]:
     return sites
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python simulator/chain.py",
-        description="Chain Stage 1 -> 2 -> 3 (BraTS and ATLAS) in the NVFlare simulator on synthetic sites and write a report.",
+def add_chain_parser(sub) -> None:
+    """Add ``bsf chain`` to the ``bsf`` parser's subparsers ``sub``."""
+    p = sub.add_parser(
+        "chain",
+        help="chain Stage 1 -> 2 -> 3 (BraTS and ATLAS) in the NVFlare simulator on synthetic sites and write a report",
     )
     p.add_argument("--out", required=True, help="output folder (data, jobs, workspaces, models, report)")
     p.add_argument("--tiny", action="store_true", help="test size: 3 subjects/site, 1 round x 1 step (Stage 3: 2 rounds)")
@@ -329,29 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads-per-site", type=int, help="OMP threads per simulated site (default 1)")
     p.add_argument("--cross-site-ssl", action="store_true", help="cross-site evaluation for Stages 1 and 2 as well")
     p.add_argument("--stage1-model", help="skip Stage 1: start Stage 2 from this model (any layout bsf reads)")
-    return p
+    p.set_defaults(func=cmd_chain)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    changes: dict[str, Any] = {}
-    for name in ("sites", "subjects", "spacing", "rounds", "stage3_rounds", "local_steps", "crops_per_volume", "threads_per_site", "stage1_model"):
-        value = getattr(args, name)
-        if value is not None:
-            changes[name] = value
+CHAIN_OPTIONS = ("sites", "subjects", "spacing", "rounds", "stage3_rounds", "local_steps", "crops_per_volume", "threads_per_site", "stage1_model")
+
+
+def cmd_chain(args: argparse.Namespace) -> None:
+    changes: dict[str, Any] = {name: getattr(args, name) for name in CHAIN_OPTIONS if getattr(args, name) is not None}
     if args.targets:
         changes["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     if args.cross_site_ssl:
         changes["cross_site_ssl"] = True
-    try:
-        cfg = (ChainConfig.tiny if args.tiny else ChainConfig.demo)(args.out, **changes)
-        run_chain(cfg)
-    except BSFError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    run_chain((ChainConfig.tiny if args.tiny else ChainConfig.demo)(args.out, **changes))

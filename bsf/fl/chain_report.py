@@ -22,12 +22,12 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from bsf.evaluate import predict_validation_case  # noqa: E402
+from bsf.fl.run_folders import METRICS_FILE, RUN_CONFIG_FILE  # noqa: E402
 from bsf.io import atomic_path  # noqa: E402
+from bsf.stages import get_stage  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "bsf_metrics.json"
-ROUNDS_FILE = "bsf_rounds.jsonl"
 DATASET_NAMES = {"ukb": "UKB", "brats": "BraTS", "atlas": "ATLAS"}
 REGION_COLOURS = ListedColormap(["#00000000", "#2ca02c", "#ff7f0e", "#d62728"])  # none, WT only, TC only, ET
 
@@ -39,11 +39,13 @@ def _series(run_dir: str | Path) -> dict[str, dict[str, list[list[float]]]]:
     return json.loads(path.read_text()).get("sites", {})
 
 
-def _rounds(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / ROUNDS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _finetuning(jobs: Any) -> list[str]:
+    """The fine-tuning stages among ``jobs`` (stage names of the graph), in order."""
+    return [job for job in jobs if get_stage(job).kind == "finetune"]
+
+
+def _run_config(cfg: Any, job: str) -> Path:
+    return cfg.out / "jobs" / job / "app" / "config" / RUN_CONFIG_FILE
 
 
 def _finite(values: list[Any]) -> list[float]:
@@ -71,7 +73,7 @@ def plot_losses(stages: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
             points = [p for p in tags.get("train/loss", []) if p[1] is not None]
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, label=site)
-        ax.set_title(f"{job} ({'Dice' if job.startswith('stage3') else 'SSL'} loss)")
+        ax.set_title(f"{job} ({'Dice' if get_stage(job).kind == 'finetune' else 'SSL'} loss)")
         ax.set_xlabel("local step")
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -103,7 +105,7 @@ def dice_by_round(result: Mapping[str, Any]) -> dict[str, list[float | None]]:
 
 def plot_dice(stages: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
     """One panel per Stage 3 job: each site's Dice of the global model after each round."""
-    jobs = [job for job in stages if job.startswith("stage3")]
+    jobs = _finetuning(stages)
     fig, axes = plt.subplots(1, max(1, len(jobs)), figsize=(4.8 * max(1, len(jobs)), 3.6), squeeze=False)
     for ax, job in zip(axes[0], jobs):
         top = 0.0
@@ -164,18 +166,19 @@ def write_report(cfg: Any, summary: dict[str, Any]) -> dict[str, Path]:
     stages = summary["stages"]
     paths: dict[str, Path] = {}
     for job, result in stages.items():
-        run_config = cfg.out / "jobs" / job / "app" / "config" / "bsf_run.yaml"
-        result["change_from_initial"] = change_from_initial(load_config(run_config), result["scope"], result["global_model"], result["previous_model"])
-        if job.startswith("stage3"):
+        result["change_from_initial"] = change_from_initial(
+            load_config(_run_config(cfg, job)), result["scope"], result["global_model"], result["previous_model"]
+        )
+        if get_stage(job).kind == "finetune":
             result["dice_by_round"] = dice_by_round(result)
     paths["losses"] = plot_losses(stages, out / "loss_curves.png")
-    stage3 = [job for job in stages if job.startswith("stage3")]
+    stage3 = _finetuning(stages)
     if stage3:
         paths["dice"] = plot_dice(stages, out / "dice_per_round.png")
         cases = {}
         for job in stage3:
             site = stages[job]["sites"][0]
-            case = predict_validation_case(cfg.out / "jobs" / job / "app" / "config" / "bsf_run.yaml", summary["sites"][site], stages[job]["global_model"])
+            case = predict_validation_case(_run_config(cfg, job), summary["sites"][site], stages[job]["global_model"])
             stages[job]["overlay"] = {"site": site, "dice": case["dice"]}
             cases[f"{job} @ {site}"] = case
         paths["overlay"] = plot_overlays(cases, out / "overlay.png")
@@ -186,13 +189,13 @@ def write_report(cfg: Any, summary: dict[str, Any]) -> dict[str, Path]:
         f"Synthetic sites ({cfg.subjects} subjects each at {cfg.spacing:g} mm, one of them the site's validation case): "
         + ", ".join(f"{site} ({DATASET_NAMES.get(site.split('-')[0], site)}-like)" for site in summary["sites"])
         + ". Every stage is an NVFlare job run with `nvflare simulator`; each starts from the previous stage's "
-        "global model (`$BSF_PRETRAINED`), adapted by modality name on the server before round 0.",
+        "global model (the stage graph of `bsf.stages`), adapted by modality name on the server before round 0.",
         "",
         "| job | sites | rounds x local steps | aggregated | starts from | max abs change of the global model | seconds |",
         "|---|---|---|---|---|---:|---:|",
     ]
     for job, r in stages.items():
-        previous = f"{Path(r['previous_model']).stem} global" if r["previous_model"] else "seeded init"
+        previous = f"{r['previous_stage']} global" if r["previous_stage"] else "seeded init"
         lines.append(
             f"| {job} | {', '.join(r['sites'])} | {r['rounds']} x {r['local_steps']} | {r['scope']} | {previous} "
             f"| {r['change_from_initial']:.3g} | {r['seconds']:.0f} |"

@@ -5,25 +5,29 @@ inside the NVFlare client job process (``ClientAPIExecutor``, ``in_process``), s
 lives as long as the job: receive the global model -> load the aggregated part -> run
 ``local_steps`` -> send the part back (difference by default) with ``NUM_STEPS_CURRENT_ROUND``.
 
+Everything the site needs comes from the job's run config (``config/bsf_run.yaml``): its
+``federation:`` section (local steps, scope, transfer, ...) and the training settings, with the site's
+own data location merged in (:mod:`bsf.fl.site`). The entry script takes no arguments.
+
 Tasks: ``train`` (above), ``validate`` (metrics of a received model on the site's validation
 cases; cross-site evaluation), ``submit_model`` (the site's current aggregated part).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
+from bsf.errors import ConfigError
+from bsf.fl.run_folders import RUN_CONFIG_FILE
 from bsf.fl.site import prepare_site_data, resolve_site
-from bsf.fl.trainer import SCOPES, TRANSFER_DTYPES, TRANSFERS, FLSettings, SiteTrainer
+from bsf.fl.trainer import SiteTrainer
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG_FILE = "bsf_run.yaml"
 SITE_STATE_FOLDER = "bsf_site"
 
 
@@ -56,63 +60,46 @@ class SitePaths:
         return cls(workspace=workspace, job=job, app=app)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bsf_client", description="BrainSegFounder-FL site (NVFlare Client API)")
-    p.add_argument("--run-config", default=RUN_CONFIG_FILE, help="run config YAML (relative to the app's config/ folder) or a preset name")
-    p.add_argument("--local-steps", type=int, default=FLSettings.local_steps)
-    p.add_argument("--scope", choices=SCOPES, default=FLSettings.scope)
-    p.add_argument("--transfer", choices=TRANSFERS, default=FLSettings.transfer)
-    p.add_argument("--transfer-dtype", choices=TRANSFER_DTYPES, default=FLSettings.transfer_dtype)
-    p.add_argument("--no-validate-global", action="store_true", help="skip validating the received global model each round")
-    p.add_argument("--no-resume", action="store_true", help="do not keep a per-round resume checkpoint at the site")
-    p.add_argument("--override", action="append", default=[], help="extra run-config override section.key=value (repeatable)")
-    return p
+def site_run_config(site: str, paths: SitePaths):
+    """The job's run config with this site's data merged in, validated; its ``federation`` section is required.
+
+    The previous stage's model (Stage 2/3) is loaded and channel-adapted once, on the server, and arrives
+    as the round-0 global model: a site never needs (or reads) that file itself.
+    """
+    from bsf.engine import load_config
+
+    run_config = paths.app_config / RUN_CONFIG_FILE
+    setup = resolve_site(site, paths.workspace)
+    log.info("site %s: site configuration from %s", site, setup.source)
+    dataset = load_config(run_config, overrides=setup.overrides).data.dataset
+    site_overrides = prepare_site_data(setup, dataset, paths.workspace)
+    state_dir = paths.job / SITE_STATE_FOLDER
+    config = load_config(run_config, overrides=[*site_overrides, f"train.output_dir={state_dir}", "model.pretrained=null"])
+    if config.federation is None:
+        raise ConfigError(f"{run_config}: no federation section; export the job with `bsf jobs export`")
+    return config
 
 
-def make_engine(run_config: str | Path, overrides: Sequence[str]):
+def make_engine(config: Any):
     """Build the site's Engine (isolated so tests can substitute a fake)."""
-    from bsf.engine import Engine, load_config
+    from bsf.engine import Engine
 
-    return Engine(load_config(run_config, overrides=list(overrides)))
-
-
-def _resolve_run_config(name: str, paths: SitePaths) -> str | Path:
-    candidate = paths.app_config / name
-    return candidate if candidate.is_file() else name
+    return Engine(config)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main() -> None:
     import nvflare.client as flare
     from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
     from nvflare.client.tracking import SummaryWriter
 
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    settings = FLSettings(
-        local_steps=args.local_steps,
-        scope=args.scope,
-        transfer=args.transfer,
-        transfer_dtype=args.transfer_dtype,
-        validate_global=not args.no_validate_global,
-        resume=not args.no_resume,
-    )
     flare.init()
     site = flare.get_site_name()
     paths = SitePaths.from_script(sys.argv[0])
-    run_config = _resolve_run_config(args.run_config, paths)
-
-    from bsf.engine import load_config
-
-    setup = resolve_site(site, paths.workspace)
-    base = load_config(run_config, overrides=[*args.override, *setup.overrides])
-    log.info("site %s: site configuration from %s", site, setup.source)
-    site_overrides = prepare_site_data(setup, base.data.dataset, paths.workspace)
-    state_dir = paths.job / SITE_STATE_FOLDER
-    # The previous stage's model (Stage 2/3) is loaded and channel-adapted once, on the server, and
-    # arrives as the round-0 global model: a site never needs (or reads) that file itself.
-    overrides = [*args.override, *site_overrides, f"train.output_dir={state_dir}", "model.pretrained=null"]
-    engine = make_engine(run_config, overrides)
+    config = site_run_config(site, paths)
+    settings = config.federation
+    engine = make_engine(config)
     writer = SummaryWriter()
-    trainer = SiteTrainer(engine, settings, site=site, state_dir=state_dir, log_scalar=writer.add_scalar)
+    trainer = SiteTrainer(engine, settings, site=site, state_dir=config.train.output_dir, log_scalar=writer.add_scalar)
     log.info(
         "site %s: engine ready (%d training cases, %d aggregated tensors, scope %s, %d local steps, transfer %s/%s)",
         site, engine.num_train_cases, len(trainer.scope_keys), settings.scope, settings.local_steps,

@@ -4,9 +4,15 @@ Differences from ``nvflare.app_common.workflows.fedavg.FedAvg``:
 
 * each round goes to every connected site (``num_clients=0``), so any number of sites works;
 * results go through :class:`~bsf.fl.aggregation.CheckedFedAvgAggregator`, which knows the
-  global model's keys and shapes; a rejected result does not count as aggregated;
-* a per-round record (accepted/rejected sites, weights) is appended to ``bsf_rounds.jsonl`` in
-  the server's run folder.
+  global model's keys and shapes and bounds each site's weight; a rejected result does not count
+  as aggregated; an error reply (e.g. a result the site's own guard refused, which arrives as
+  ``TASK_RESULT_FILTER_ERROR`` with no data) is recorded as a rejection of that site;
+* the new global model is checked before it replaces the old one: if any tensor is NaN/Inf (e.g.
+  a weight difference that overflows float32 once added), the previous global model is kept for
+  that round, and the round and the tensors are logged;
+* a per-round record (accepted sites and their weights, rejected sites and why, clipped weight
+  claims, whether the global model was kept) is appended to ``bsf_rounds.jsonl`` in the server's
+  run folder.
 """
 
 from __future__ import annotations
@@ -16,14 +22,14 @@ import logging
 import os
 from typing import Optional
 
-from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
-from bsf.fl.aggregation import CheckedFedAvgAggregator
+from bsf.fl.aggregation import CheckedFedAvgAggregator, non_finite_tensors
+from bsf.fl.run_folders import ROUNDS_FILE
 
 log = logging.getLogger(__name__)
-
-ROUNDS_FILE = "bsf_rounds.jsonl"
 
 
 class CheckedFedAvg(FedAvg):
@@ -42,6 +48,16 @@ class CheckedFedAvg(FedAvg):
         if not isinstance(aggregator, CheckedFedAvgAggregator):
             raise TypeError(f"aggregator must be a CheckedFedAvgAggregator, got {type(aggregator).__name__}")
         super().__init__(*args, aggregator=aggregator, num_clients=num_clients, **kwargs)
+
+    def run(self) -> None:
+        # A persistor that cannot create the initial model has stopped the job (CANNOT START, system panic);
+        # FedAvg.run would go on with no model and add an AttributeError traceback. Load it once here instead.
+        model = self.load_model()
+        if model is None:
+            self.info("no initial global model: the job does not start")
+            return
+        self.model = model
+        super().run()
 
     def load_model(self) -> FLModel:
         model = super().load_model()
@@ -66,21 +82,51 @@ class CheckedFedAvg(FedAvg):
             self.error(f"REJECTED the result of site {site} in round {self.current_round}: {reason}")
         return accepted
 
-    def _get_aggregated_result(self) -> FLModel:
-        result = super()._get_aggregated_result()
+    def _accept_train_result(self, client_name: str, result, fl_ctx, is_unknown_task: bool = False) -> bool:
+        accepted = super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task=is_unknown_task)
+        rc = result.get_return_code()
+        if not is_unknown_task and rc and rc != ReturnCode.OK:
+            reason = f"the site sent no update (return code {rc}"
+            if rc == ReturnCode.TASK_RESULT_FILTER_ERROR:
+                reason += ": its result guard or another result filter refused it; the site's log says why"
+            self.aggregator.reject(client_name, reason + ")")
+            self.error(f"REJECTED the result of site {client_name} in round {self.current_round}: {reason})")
+        return accepted
+
+    def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
+        """Apply the round's aggregate; keep the previous global model if the new one is not finite."""
+        previous = dict(model.params or {})
+        model = super().update_model(model, aggr_result)
+        bad = non_finite_tensors(model.params or {})
+        kept = None
+        if bad:
+            kept = f"{len(bad)} tensor(s) of the new global model are NaN/Inf, e.g. {bad[:3]}"
+            self.error(f"round {self.current_round}: {kept}; KEEPING the previous global model")
+            model.params = previous
+            model = super().update_model(model, FLModel(params={}, params_type=ParamsType.DIFF, meta=aggr_result.meta,
+                                                        metrics=aggr_result.metrics))
+        self._write_round_record(aggr_result, kept)
+        return model
+
+    def _write_round_record(self, result: FLModel, kept: Optional[str]) -> None:
+        """Append this round's line to ``bsf_rounds.jsonl`` (never fails the round)."""
         meta = result.meta or {}
         record = {
             "round": self.current_round,
             "accepted_sites": meta.get("accepted_sites", []),
             "rejected_sites": meta.get("rejected_sites", []),
+            "rejections": meta.get("rejections", []),
+            "weights": meta.get("weights", {}),
+            "weight_notes": meta.get("weight_notes", {}),
             "round_skipped": bool(meta.get("round_skipped", False)),
             "weigh_by": meta.get("weigh_by"),
             "metrics": result.metrics or {},
         }
+        if kept:
+            record["global_model_kept"] = kept
         try:
             path = os.path.join(self.get_run_dir(), ROUNDS_FILE)
             with open(path, "a") as handle:
                 handle.write(json.dumps(record, sort_keys=True) + "\n")
         except Exception as exc:  # a report must never break the round
             self.warning(f"could not write {ROUNDS_FILE}: {exc}")
-        return result

@@ -2,27 +2,30 @@
 
 ::
 
-    python -m bsf.fl.jobs export                 # (re)write every committed job folder under jobs/
-    python -m bsf.fl.jobs export --out /tmp/jobs --rounds 5 --local-steps 20
-    python -m bsf.fl.jobs simulate stage1 -n 3   # the Python route: SimEnv, no job folder needed
+    bsf jobs export                              # (re)write every committed job folder under jobs/
+    bsf jobs export --out /tmp/jobs --rounds 5 --local-steps 20
+    bsf jobs export --job stage3_brats --pretrained /srv/stage1.pt --pretrained-stage stage1   # BSF-1: Stage 1 -> 3
+    bsf jobs simulate stage1 -n 3                # the Python route: SimEnv, no job folder needed
     nvflare simulator jobs/stage1 -w /tmp/ws -n 2 -t 2
     BSF_PRETRAINED=/abs/stage1/FL_global_model.pt nvflare simulator jobs/stage2_brats -w /tmp/ws2 -n 2 -t 2
 
-A job is: the server runs :class:`~bsf.fl.controller.CheckedFedAvg` (FedAvg, checked
+A job is one stage of the graph (:mod:`bsf.stages`) with a typed ``federation:`` section
+(:class:`bsf.config.FederationConfig`) written into its run config ``config/bsf_run.yaml``, which the
+server and every site read. The server runs :class:`~bsf.fl.controller.CheckedFedAvg` (FedAvg, checked
 aggregation of the ``scope`` part, weights by steps or cases) with
 :class:`~bsf.fl.persistor.BSFModelPersistor` (initial model: seeded, or built from the previous
 stage's model; ``FL_global_model.pt`` every round, ``best_FL_global_model.pt`` by the stage's
 validation metric: SSL reconstruction L1, lower is better; fine-tuning mean Dice, higher is
 better), TensorBoard and JSON metric receivers, and optionally cross-site evaluation written as a
 table (:mod:`bsf.fl.crosssite`); every site runs the thin entry script ``bsf_client.py``
-(:func:`bsf.fl.client.main`) in process. The run config travels as ``config/bsf_run.yaml``.
-Nothing else: ``bsf`` is an installed package at every site, so no library code is copied into
-``custom/``.
+(:func:`bsf.fl.client.main`) in process, with no arguments. Nothing else: ``bsf`` is an installed
+package at every site, so no library code is copied into ``custom/``.
 
-Stages 2 and 3 (``stage2_brats``, ``stage2_atlas``, ``stage3_brats``, ``stage3_atlas``) start from
-the previous stage's model, named on the server by ``$BSF_PRETRAINED`` or baked into the job with
-``export --pretrained PATH`` (see :func:`bsf.fl.model_init.initial_global_weights`); without one
-they stop at start with a message saying so.
+A stage that follows another (``stage2_*`` follow ``stage1``, ``stage3_*`` their ``stage2_*``) starts
+from that stage's global model: the job's :class:`~bsf.stages.StartPoint` (its file, a server-side
+path, and its modalities, which become ``model.pretrained_modalities``); a committed job has none and
+takes ``$BSF_PRETRAINED`` on the server (see :func:`bsf.fl.model_init.initial_global_weights`), else it
+stops at start with a message saying so.
 
 Simulator note: give ``-t`` equal to ``-n``. With fewer threads than sites NVFlare restarts a
 site's process for every task; sites then continue from their per-round resume checkpoint.
@@ -32,11 +35,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import filecmp
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,8 +47,11 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from bsf.fl.client import RUN_CONFIG_FILE
-from bsf.fl.trainer import FLSettings
+from bsf.config import SCOPES, TRANSFER_DTYPES, TRANSFERS, WEIGHTINGS, FederationConfig
+from bsf.errors import ConfigError
+from bsf.fl import run_folders
+from bsf.fl.run_folders import RUN_CONFIG_FILE
+from bsf.stages import STAGES, StartPoint, get_stage, start_point
 
 log = logging.getLogger(__name__)
 
@@ -56,75 +62,61 @@ from bsf.fl.client import main
 
 main()
 '''
-KEY_METRIC = "val_reconstruction_l1"  # Stage 1/2 (SSL); a job's own metric comes from selection_metric()
-WEIGHTINGS = ("steps", "cases", "uniform")
 
 
 @dataclass
 class JobSpec:
-    """Everything that defines one federated job."""
+    """Everything that defines one federated job: a stage of the graph, its run config and its federation."""
 
     name: str = "stage1"
-    num_rounds: int = 3
-    min_clients: int = 2
-    local_steps: int = 4
-    scope: str = "encoder"
-    transfer: str = "diff"
-    transfer_dtype: str = "float32"
-    weigh_by: str = "steps"
-    validate_global: bool = True
-    resume: bool = True
-    cross_site_eval: bool = True
+    stage: str = "stage1"  # a stage of bsf.stages.STAGES: what the job trains and whose model it starts from
     run_config: str = "stage1_test"  # preset name or YAML path
+    federation: FederationConfig = field(default_factory=FederationConfig)
     run_overrides: list[str] = field(default_factory=list)
+    #: a checkpoint of this very model to start from (server path; resume)
     initial_ckpt: str | None = None
-    #: the previous stage's model (server path); None: $BSF_PRETRAINED or the run config's model.pretrained
-    pretrained: str | None = None
-    #: refuse to start without a previous stage's model (Stage 2 and 3)
-    require_pretrained: bool = False
+    #: the previous stage's model; None: $BSF_PRETRAINED on the server (when ``require_pretrained``)
+    start: StartPoint | None = None
+    #: a stage that follows another refuses to start without a previous model (off: the seeded initialisation)
+    require_pretrained: bool = True
 
-    def settings(self) -> FLSettings:
-        return FLSettings(
-            local_steps=self.local_steps,
-            scope=self.scope,
-            transfer=self.transfer,
-            transfer_dtype=self.transfer_dtype,
-            validate_global=self.validate_global,
-            resume=self.resume,
-        )
+    def with_federation(self, **changes: Any) -> "JobSpec":
+        """This spec with ``changes`` to its federation section (validated)."""
+        return replace(self, federation=replace(self.federation, **changes))
 
-    def client_args(self) -> str:
-        s = self.settings()
-        args = [
-            f"--run-config {RUN_CONFIG_FILE}",
-            f"--local-steps {s.local_steps}",
-            f"--scope {s.scope}",
-            f"--transfer {s.transfer}",
-            f"--transfer-dtype {s.transfer_dtype}",
-        ]
-        if not s.validate_global:
-            args.append("--no-validate-global")
-        if not s.resume:
-            args.append("--no-resume")
-        return " ".join(args)
+    @property
+    def needs_previous_model(self) -> bool:
+        """Whether the server refuses to start without the previous stage's model."""
+        return self.require_pretrained and get_stage(self.stage).follows is not None
+
+    @property
+    def pretrained_modalities(self) -> tuple[str, ...] | None:
+        """Input modalities of the model this job starts from: the start point's, else the stage it follows."""
+        if self.start is not None:
+            return self.start.modalities
+        follows = get_stage(self.stage).follows
+        return STAGES[follows].modalities if follows else None
 
 
-#: BraTS Stage 3 starts from the Stage 2 BraTS model, whose channels already are BraTS's.
-BRATS_CHANNELS = "model.pretrained_modalities=[flair, t1ce, t1, t2]"
+def stage_job(stage: str) -> JobSpec:
+    """The committed job of a stage of the graph: its ``*_test`` preset, aggregating the stage's part."""
+    return JobSpec(
+        name=stage, stage=stage, run_config=f"{stage}_test", federation=FederationConfig(scope=get_stage(stage).aggregates)
+    )
 
-#: The committed jobs (``python -m bsf.fl.jobs export`` regenerates them).
+
+#: The committed jobs (``bsf jobs export`` regenerates them): one per stage, plus a one-site Stage 1.
 COMMITTED_JOBS: dict[str, JobSpec] = {
-    "stage1": JobSpec(name="stage1"),
-    "stage1_single": JobSpec(name="stage1_single", min_clients=1, cross_site_eval=False),
-    # Stage 2: SSL on the target data set from the Stage 1 model; the encoder is aggregated, SSL heads stay local
-    "stage2_brats": JobSpec(name="stage2_brats", run_config="stage2_brats_test", scope="encoder", require_pretrained=True),
-    "stage2_atlas": JobSpec(name="stage2_atlas", run_config="stage2_atlas_test", scope="encoder", require_pretrained=True),
-    # Stage 3: fine-tuning from the Stage 2 model; the whole network is aggregated
-    "stage3_brats": JobSpec(
-        name="stage3_brats", run_config="stage3_brats_test", scope="all", require_pretrained=True, run_overrides=[BRATS_CHANNELS]
-    ),
-    "stage3_atlas": JobSpec(name="stage3_atlas", run_config="stage3_atlas_test", scope="all", require_pretrained=True),
+    **{name: stage_job(name) for name in STAGES},
+    "stage1_single": JobSpec(name="stage1_single", federation=FederationConfig(min_clients=1, cross_site_eval=False)),
 }
+
+
+def job_for_stage(name: str, models: dict[str, str | Path], **federation: Any) -> JobSpec:
+    """The committed job of stage ``name`` starting from the model :func:`bsf.stages.start_point` finds in ``models``."""
+    spec = COMMITTED_JOBS[name]
+    spec = replace(spec, start=start_point(spec.stage, models))
+    return spec.with_federation(**federation) if federation else spec
 
 
 def _config_source(name: str) -> dict[str, Any]:
@@ -142,32 +134,52 @@ def _config_source(name: str) -> dict[str, Any]:
 
 
 def job_run_config(spec: JobSpec) -> dict[str, Any]:
-    """The run config every site starts from (data location left to the sites).
+    """The run config every site starts from (data location left to the sites), with its ``federation:`` section.
 
     The preset's own keys plus the job's overrides, validated but not expanded with defaults, so
     the committed job changes only when the preset or the job does. ``train.steps`` is the whole
-    federation's step count (``num_rounds * local_steps``) so the learning-rate schedule spans the
-    job exactly as it spans a centralized run of that length.
+    federation's step count (:attr:`~bsf.config.FederationConfig.schedule_steps`), so the learning-rate
+    schedule spans the job exactly as it spans a centralized run of that length, also when a resumed
+    job starts at ``federation.start_round``. ``model.pretrained_modalities`` are those of the model the
+    job starts from (:attr:`JobSpec.pretrained_modalities`).
     """
     from bsf.engine import load_config
 
-    overrides = [
-        "data.root=''",
-        "data.datalist=null",
-        f"train.steps={spec.num_rounds * spec.local_steps}",
-        "train.output_dir=bsf_site",
-        *spec.run_overrides,
-    ]
     raw = _config_source(spec.run_config)
-    for item in overrides:
+    fixed: dict[str, Any] = {
+        "data.root": "",
+        "data.datalist": None,
+        "train.steps": spec.federation.schedule_steps,
+        "train.output_dir": "bsf_site",
+    }
+    if spec.pretrained_modalities is not None:
+        fixed["model.pretrained_modalities"] = list(spec.pretrained_modalities)
+    for key, value in fixed.items():
+        _set_key(raw, key, value)
+    for item in spec.run_overrides:
         key, _, value = item.partition("=")
-        node = raw
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    load_config(raw)  # refuse to export an invalid config
+        _set_key(raw, key.strip(), yaml.safe_load(value))
+    raw["federation"] = dataclasses.asdict(spec.federation)
+    _check_stage(spec, load_config(raw), spec.run_config)  # also refuses to export an invalid config
     return raw
+
+
+def _set_key(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _check_stage(spec: JobSpec, config: Any, source: str) -> None:
+    """The run config must train what the job's stage is (kind and data set), or the graph would lie."""
+    stage = get_stage(spec.stage)
+    if (config.stage, config.data.dataset) != (stage.kind, stage.dataset):
+        raise ConfigError(
+            f"run config {source}: stage {config.stage} on {config.data.dataset}, but job {spec.name} is stage "
+            f"{stage.name} ({stage.kind} on {stage.dataset})"
+        )
 
 
 def job_selection_metric(spec: JobSpec) -> tuple[str, bool]:
@@ -210,9 +222,7 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
     from bsf.fl.metrics import JSONMetricsReceiver
     from bsf.fl.persistor import BSFModelPersistor
 
-    if spec.weigh_by not in WEIGHTINGS:
-        raise ValueError(f"weigh_by must be one of {WEIGHTINGS}")
-    spec.settings()  # validates scope/transfer/steps
+    fed = spec.federation
     workdir = Path(workdir)
     (workdir / ENTRY_SCRIPT).write_text(ENTRY_SCRIPT_TEXT)
     run_config_path = workdir / RUN_CONFIG_FILE
@@ -225,39 +235,39 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
     metric, lower_is_better = job_selection_metric(spec)
     job = BaseFedJob(
         name=spec.name,
-        min_clients=spec.min_clients,
+        min_clients=fed.min_clients,
         model_selector=IntimeModelSelector(key_metric=metric, negate_key_metric=lower_is_better),
         analytics_receiver=TBAnalyticsReceiver(tb_folder="tb_events"),
-        validation_json_generator=CrossSiteResultsWriter(metric=metric) if spec.cross_site_eval else None,
+        validation_json_generator=CrossSiteResultsWriter(metric=metric) if fed.cross_site_eval else None,
     )
     job.set_app_packages(["bsf"])
     job.to_server(
         BSFModelPersistor(
             run_config=RUN_CONFIG_FILE,
-            scope=spec.scope,
+            scope=fed.scope,
             initial_ckpt=spec.initial_ckpt,
-            pretrained=spec.pretrained,
-            require_pretrained=spec.require_pretrained,
+            pretrained=str(spec.start.model) if spec.start else None,
+            require_pretrained=spec.needs_previous_model,
             job_name=spec.name,
         ),
         id="persistor",
     )
     job.to_server(JSONMetricsReceiver(), id="bsf_metrics")
     controller = CheckedFedAvg(
-        num_rounds=spec.num_rounds,
+        num_rounds=fed.remaining_rounds,
+        start_round=fed.start_round,
         persistor_id="persistor",
-        aggregator=CheckedFedAvgAggregator(weigh_by=spec.weigh_by, min_accepted=spec.min_clients),
+        aggregator=CheckedFedAvgAggregator(weigh_by=fed.weigh_by, min_accepted=fed.min_clients, expected_steps=fed.local_steps),
         task_name="train",
     )
     job.to_server(controller, id="fedavg")
-    if spec.cross_site_eval:
+    if fed.cross_site_eval:
         locator_id = job.to_server(PTFileModelLocator(pt_persistor_id="persistor"), id="model_locator")
         job.to_server(CrossSiteModelEval(model_locator_id=locator_id), id="cross_site_eval")
     # the client app first: creating it is what adds the event converter that streams metrics
     job.to_clients(
         ScriptRunner(
-            script=ENTRY_SCRIPT,
-            script_args=spec.client_args(),
+            script=ENTRY_SCRIPT,  # no arguments: the site reads everything from the run config
             launch_external_process=False,
             framework=FrameworkType.NUMPY,
             server_expected_format=ExchangeFormat.NUMPY,
@@ -355,75 +365,95 @@ def simulate(
         recipe = build_recipe(spec, tmp)
         run = recipe.run(env)
         run.get_result()
-    return workspace / spec.name / "server" / "simulate_job"
+    return run_folders.simulator_run(workspace, spec.name)
 
 
-def _spec_from_args(args: argparse.Namespace, base: JobSpec) -> JobSpec:
-    changes = {}
-    for name in ("num_rounds", "local_steps", "min_clients", "scope", "transfer", "transfer_dtype", "weigh_by", "initial_ckpt", "pretrained"):
-        value = getattr(args, name, None)
-        if value is not None:
-            changes[name] = value
+FEDERATION_OPTIONS = {  # command-line option -> federation key
+    "rounds": "rounds", "local_steps": "local_steps", "min_clients": "min_clients", "scope": "scope",
+    "transfer": "transfer", "transfer_dtype": "transfer_dtype", "weigh_by": "weigh_by",
+}
+
+
+def spec_from_args(args: argparse.Namespace, base: JobSpec) -> JobSpec:
+    """``base`` with the command line's changes (federation keys, run config, overrides, starting model)."""
+    federation = {key: getattr(args, opt) for opt, key in FEDERATION_OPTIONS.items() if getattr(args, opt, None) is not None}
+    if getattr(args, "no_cross_site_eval", False):
+        federation["cross_site_eval"] = False
+    changes: dict[str, Any] = {}
     if getattr(args, "run_config", None):
         changes["run_config"] = args.run_config
     if getattr(args, "override", None):
-        changes["run_overrides"] = list(args.override)
-    if getattr(args, "no_cross_site_eval", False):
-        changes["cross_site_eval"] = False
-    return replace(base, **changes)
+        changes["run_overrides"] = [*base.run_overrides, *args.override]
+    if getattr(args, "initial_ckpt", None):
+        changes["initial_ckpt"] = args.initial_ckpt
+    if getattr(args, "pretrained", None):
+        source = args.pretrained_stage or get_stage(base.stage).follows
+        if source is None:
+            raise ConfigError(f"--pretrained: {base.stage} is a first stage; it starts from the seeded initialisation")
+        changes["start"] = start_point(base.stage, {source: args.pretrained})
+        if changes["start"].stage != source:
+            raise ConfigError(f"--pretrained-stage {source}: {base.stage} does not follow it")
+    return replace(base, **changes).with_federation(**federation)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bsf.fl.jobs", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("export", "simulate"):
-        p = sub.add_parser(name)
-        p.add_argument("--rounds", dest="num_rounds", type=int)
-        p.add_argument("--local-steps", type=int)
-        p.add_argument("--min-clients", type=int)
-        p.add_argument("--scope", choices=("encoder", "all"))
-        p.add_argument("--transfer", choices=("diff", "full"))
-        p.add_argument("--transfer-dtype", choices=("float32", "float16"))
-        p.add_argument("--weigh-by", choices=WEIGHTINGS)
-        p.add_argument("--run-config", help="preset name or YAML path (default: the job's)")
-        p.add_argument("--override", action="append", help="run-config override section.key=value (repeatable)")
-        p.add_argument("--initial-ckpt", help="start from this checkpoint of the same model (server-side path; scope keys, strict)")
-        p.add_argument(
-            "--pretrained",
-            help="Stage 2/3: the previous stage's model (server-side path, e.g. .../app_server/FL_global_model.pt); "
-            "default: $BSF_PRETRAINED on the server",
-        )
-        p.add_argument("--no-cross-site-eval", action="store_true")
-    exp = sub.choices["export"]
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=int, help="federation.rounds (default: the job's)")
+    p.add_argument("--local-steps", type=int, help="federation.local_steps")
+    p.add_argument("--min-clients", type=int, help="federation.min_clients")
+    p.add_argument("--scope", choices=SCOPES, help="federation.scope")
+    p.add_argument("--transfer", choices=TRANSFERS, help="federation.transfer")
+    p.add_argument("--transfer-dtype", choices=TRANSFER_DTYPES, help="federation.transfer_dtype")
+    p.add_argument("--weigh-by", choices=WEIGHTINGS, help="federation.weigh_by")
+    p.add_argument("--no-cross-site-eval", action="store_true")
+    p.add_argument("--run-config", help="preset name or YAML path (default: the job's)")
+    p.add_argument("--override", action="append", help="run-config override section.key=value (repeatable)")
+    p.add_argument("--initial-ckpt", help="start from this checkpoint of the same model (server-side path; scope keys, strict)")
+    p.add_argument(
+        "--pretrained",
+        help="Stage 2/3: the previous stage's model (server-side path, e.g. .../app_server/FL_global_model.pt); "
+        "default: $BSF_PRETRAINED on the server",
+    )
+    p.add_argument(
+        "--pretrained-stage", choices=sorted(STAGES),
+        help="the stage that produced --pretrained (default: the stage the job follows), e.g. stage1 for stage3_brats",
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    for name in args.job or list(COMMITTED_JOBS):
+        path = export_job(spec_from_args(args, COMMITTED_JOBS[name]), args.out)
+        print(f"exported {name} -> {path}")
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from bsf.errors import BSFError
+
+    spec = spec_from_args(args, COMMITTED_JOBS[args.job])
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()] if args.clients else None
+    run_dir = simulate(spec, args.workspace, n_clients=args.n_clients, threads=args.threads, clients=clients)
+    if not run_folders.global_model(run_dir).is_file():
+        raise BSFError(f"the federation produced no global model; see the logs under {run_dir.parent}")
+    print(f"global model: {run_folders.global_model(run_dir)}")
+    print(f"best model:   {run_folders.best_model(run_dir)}")
+    print(f"TensorBoard:  tensorboard --logdir {run_dir / 'tb_events'}")
+    print(f"metrics:      {run_dir / run_folders.METRICS_FILE}, {run_dir / run_folders.ROUNDS_FILE}")
+
+
+def add_jobs_parser(sub) -> None:
+    """Add ``bsf jobs export|simulate`` to the ``bsf`` parser's subparsers ``sub``."""
+    jobs = sub.add_parser("jobs", help="NVFlare job folders: export them, or run one in the simulator").add_subparsers(
+        dest="jobs_command", required=True
+    )
+    exp = jobs.add_parser("export", help="write job folders (default: every committed job, into jobs/)")
+    _add_job_options(exp)
     exp.add_argument("--out", default="jobs", help="folder that receives the job folders (default: jobs)")
     exp.add_argument("--job", choices=sorted(COMMITTED_JOBS), action="append", help="only these jobs")
-    sim = sub.choices["simulate"]
+    exp.set_defaults(func=cmd_export)
+    sim = jobs.add_parser("simulate", help="run one job in NVFlare's simulator (SimEnv)")
     sim.add_argument("job", choices=sorted(COMMITTED_JOBS))
+    _add_job_options(sim)
     sim.add_argument("-w", "--workspace", default="/tmp/bsf_fl_sim")
     sim.add_argument("-n", "--n-clients", type=int, default=2)
     sim.add_argument("-t", "--threads", type=int)
     sim.add_argument("-c", "--clients", help="comma-separated site names (instead of -n)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "export":
-        names = args.job or list(COMMITTED_JOBS)
-        for name in names:
-            path = export_job(_spec_from_args(args, COMMITTED_JOBS[name]), args.out)
-            print(f"exported {name} -> {path}")
-        return 0
-    spec = _spec_from_args(args, COMMITTED_JOBS[args.job])
-    clients = [c.strip() for c in args.clients.split(",") if c.strip()] if args.clients else None
-    run_dir = simulate(spec, args.workspace, n_clients=args.n_clients, threads=args.threads, clients=clients)
-    global_model = run_dir / "app_server" / "FL_global_model.pt"
-    if not global_model.is_file():
-        print(f"the federation produced no global model; see the logs under {run_dir.parent}", file=sys.stderr)
-        return 1
-    print(f"global model: {global_model}")
-    print(f"best model:   {run_dir / 'app_server' / 'best_FL_global_model.pt'}")
-    print(f"TensorBoard:  tensorboard --logdir {run_dir / 'tb_events'}")
-    print(f"metrics:      {run_dir / 'bsf_metrics.json'}, {run_dir / 'bsf_rounds.jsonl'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sim.set_defaults(func=cmd_simulate)

@@ -52,9 +52,12 @@ def checkpoint_weights(config: Any, path: str, scope: str = "encoder") -> dict[s
 ENV_PRETRAINED = "BSF_PRETRAINED"
 
 
-def _previous_model_setting(config: Any, pretrained: str | None, environ: Mapping[str, str]) -> tuple[str | None, str]:
-    """Where the previous stage's model comes from, first match wins: the job, ``$BSF_PRETRAINED``, the run config."""
-    env_value = environ.get(ENV_PRETRAINED) or None
+def _previous_model_setting(
+    config: Any, pretrained: str | None, environ: Mapping[str, str], require_pretrained: bool
+) -> tuple[str | None, str]:
+    """Where the previous stage's model comes from, first match wins: the job, ``$BSF_PRETRAINED`` (only for a
+    job that requires one: a committed Stage 2/3 job run by hand), the run config."""
+    env_value = (environ.get(ENV_PRETRAINED) or None) if require_pretrained else None
     if pretrained:
         if env_value and env_value != pretrained:
             log.warning("the job names the previous stage's model %s; ignoring $%s=%s", pretrained, ENV_PRETRAINED, env_value)
@@ -83,7 +86,7 @@ def initial_global_weights(
 
     1. ``initial_ckpt``: the ``scope`` weights of a checkpoint of this very model (strict, no
        channel adaptation), e.g. to continue a job;
-    2. the previous stage's model (``pretrained``, else ``$BSF_PRETRAINED``, else the run config's
+    2. the previous stage's model (``pretrained``, else ``$BSF_PRETRAINED`` if ``require_pretrained``, else the run config's
        ``model.pretrained``): its encoder loaded into the model ``config`` builds, channels adapted
        by modality name from ``model.pretrained_modalities`` (seeded, so identical everywhere);
     3. the seeded initialisation, unless ``require_pretrained`` (Stage 2 and 3 jobs): then a
@@ -103,13 +106,13 @@ def initial_global_weights(
         if not os.path.isfile(path):
             raise CheckpointError(f"{job}: initial checkpoint {path} not found on the server")
         return checkpoint_weights(config, path, scope), f"checkpoint {path}"
-    source, origin = _previous_model_setting(config, pretrained, environ)
+    source, origin = _previous_model_setting(config, pretrained, environ, require_pretrained)
     if source is None:
         if require_pretrained:
             raise CheckpointError(
                 f"{job} starts from the previous stage's model, but none is set: set ${ENV_PRETRAINED} on the server "
                 f"(e.g. {ENV_PRETRAINED}=/abs/path/FL_global_model.pt nvflare simulator ...), or export the job with "
-                f"`python -m bsf.fl.jobs export --pretrained PATH`, or set model.pretrained in its run config"
+                f"`bsf jobs export --pretrained PATH`, or set model.pretrained in its run config"
             )
         return initial_weights(config, scope), f"seed {config.seed}"
     path = resolve(source)

@@ -19,7 +19,8 @@ With ``require_pretrained`` (the Stage 2 and 3 jobs) a missing previous model st
 start with a message saying how to set it; a missing, unreadable or incompatible file always does
 (never a silent random start). See :func:`bsf.fl.model_init.initial_global_weights`.
 
-The global model holds only the aggregated keys; site-only parts (SSL heads) never reach it.
+The global model holds only the aggregated keys; site-only parts (SSL heads) never reach it, and a
+global model with a NaN/Inf tensor is never written (the file keeps the previous one).
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from pathlib import Path
 
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.app_common.abstract.model import ModelLearnable
+from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
 
+from bsf.fl.aggregation import non_finite_tensors
 from bsf.fl.model_init import initial_global_weights
+from bsf.fl.run_folders import BEST_MODEL, GLOBAL_MODEL, ROUND_KEY
 
 
 class BSFModelPersistor(PTFileModelPersistor):
@@ -55,8 +59,8 @@ class BSFModelPersistor(PTFileModelPersistor):
         scope: str = "encoder",
         initial_ckpt: str | None = None,
         overrides: list[str] | None = None,
-        global_model_file_name: str = "FL_global_model.pt",
-        best_global_model_file_name: str = "best_FL_global_model.pt",
+        global_model_file_name: str = GLOBAL_MODEL,
+        best_global_model_file_name: str = BEST_MODEL,
         pretrained: str | None = None,
         require_pretrained: bool = False,
         job_name: str | None = None,
@@ -114,3 +118,21 @@ class BSFModelPersistor(PTFileModelPersistor):
             data, default_train_conf=self.default_train_conf, allow_numpy_conversion=True
         )
         return self.persistence_manager.to_model_learnable(None)
+
+    def save_model(self, ml: ModelLearnable, fl_ctx: FLContext) -> None:
+        """Persist the global model with the round it is the result of (``bsf_round``, read back by resume).
+
+        A model with a NaN/Inf tensor is refused: the file keeps the previous global model, and the
+        round and the tensors are logged.
+        """
+        current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        bad = non_finite_tensors(ml.get(ModelLearnableKey.WEIGHTS) or {})
+        if bad:
+            self.log_error(
+                fl_ctx,
+                f"round {current_round}: REFUSED to save a global model with {len(bad)} NaN/Inf tensor(s), "
+                f"e.g. {bad[:3]}; {self._ckpt_save_path} keeps the previous one",
+            )
+            return
+        self._get_persistence_manager(fl_ctx).other_props[ROUND_KEY] = current_round
+        super().save_model(ml, fl_ctx)

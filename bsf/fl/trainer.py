@@ -22,38 +22,17 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from bsf.errors import CheckpointError, ConfigError
+from bsf.config import FederationConfig
+from bsf.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-SCOPES = ("encoder", "all")
-TRANSFERS = ("diff", "full")
-TRANSFER_DTYPES = ("float32", "float16")
 RESUME_FILE = "engine_state.pt"
 RESUME_META = "engine_state.json"
 TRAIN_LOG = "train_log.jsonl"
 
-
-@dataclass
-class FLSettings:
-    """How a site takes part in a round (the job sets these; they travel as client arguments)."""
-
-    local_steps: int = 2
-    scope: str = "encoder"
-    transfer: str = "diff"
-    transfer_dtype: str = "float32"
-    validate_global: bool = True
-    resume: bool = True
-
-    def __post_init__(self) -> None:
-        if self.local_steps < 1:
-            raise ConfigError(f"local_steps must be >= 1, got {self.local_steps}")
-        if self.scope not in SCOPES:
-            raise ConfigError(f"scope must be one of {SCOPES}, got {self.scope!r}")
-        if self.transfer not in TRANSFERS:
-            raise ConfigError(f"transfer must be one of {TRANSFERS}, got {self.transfer!r}")
-        if self.transfer_dtype not in TRANSFER_DTYPES:
-            raise ConfigError(f"transfer_dtype must be one of {TRANSFER_DTYPES}, got {self.transfer_dtype!r}")
+#: How a site takes part in a round: the run config's ``federation:`` section (the job writes it, the site reads it).
+FLSettings = FederationConfig
 
 
 @dataclass
@@ -85,7 +64,7 @@ class SiteTrainer:
 
     Args:
         engine: a :class:`bsf.engine.Engine` (anything with its weight/step/validate API).
-        settings: the job's :class:`FLSettings`.
+        settings: the job's federation section (:class:`bsf.config.FederationConfig`).
         site: this site's name (for logs and metrics tags only).
         state_dir: where the resume checkpoint is kept (``None``: never saved).
         log_scalar: ``(tag, value, step)`` sink for streamed metrics (e.g. a TensorBoard writer).
@@ -94,7 +73,7 @@ class SiteTrainer:
     def __init__(
         self,
         engine: Any,
-        settings: FLSettings,
+        settings: FederationConfig,
         site: str = "site",
         state_dir: str | Path | None = None,
         log_scalar: Callable[[str, float, int], None] | None = None,

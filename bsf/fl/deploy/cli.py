@@ -42,15 +42,13 @@ def cmd_poc(args: argparse.Namespace) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
     from bsf.fl.deploy.resume import export_resume_job
     from bsf.fl.jobs import COMMITTED_JOBS
 
-    spec = COMMITTED_JOBS[args.job]
-    changes = {k: v for k, v in (("num_rounds", args.rounds), ("local_steps", args.local_steps)) if v is not None}
-    job, start = export_resume_job(replace(spec, **changes), args.server_run, args.out)
-    print(f"wrote {job}: rounds {start}..{replace(spec, **changes).num_rounds - 1} from the last global model")
+    changes = {k: v for k, v in (("rounds", args.rounds), ("local_steps", args.local_steps)) if v is not None}
+    spec = COMMITTED_JOBS[args.job].with_federation(**changes)
+    job, start = export_resume_job(spec, args.server_run, args.out)
+    print(f"wrote {job}: rounds {start}..{spec.federation.rounds - 1} from the last global model")
     print(f"submit it: nvflare job submit -j {job}   (or the admin API's submit_job)")
 
 

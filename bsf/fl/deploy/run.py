@@ -1,9 +1,12 @@
 """The POC path end to end: prepare, start, submit the stage jobs in order, wait, collect, stop (also on failure).
 
-``bsf deploy poc --out poc_out`` (or ``provisioning/poc.sh``) calls :func:`run_poc`. Each stage's
-job is exported from :data:`bsf.fl.jobs.COMMITTED_JOBS` with the requested rounds and steps; Stages 2
-and 3 start from the previous stage's downloaded global model (a server-side path baked into the
-job). What it leaves in ``out``::
+``bsf deploy poc --out poc_out`` (or ``provisioning/poc.sh``) calls :func:`run_poc`. The listed stage
+jobs (:data:`bsf.fl.jobs.COMMITTED_JOBS`) run in the order of the stage graph (:mod:`bsf.stages`),
+with the requested rounds and steps; each stage that follows another starts from the downloaded
+global model :func:`bsf.stages.start_point` finds: the nearest stage up its line that ran (so
+``stage2_atlas`` after ``stage2_brats`` starts from ``stage1``, and ``stage3_brats`` straight after
+``stage1`` from ``stage1``'s model, channels adapted). The model is a server-side path baked into the
+job. What it leaves in ``out``::
 
     models/<stage>_FL_global_model.pt, models/<stage>_best_FL_global_model.pt
     results/<job id>/workspace/     the server's run folder: bsf_rounds.jsonl, bsf_metrics.json, tb_events/, logs
@@ -21,25 +24,76 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bsf.fl import run_folders
 from bsf.fl.deploy.poc import DeploymentError, PocDeployment
+from bsf.stages import plan, start_point
 
 log = logging.getLogger(__name__)
 
-GLOBAL_MODEL = "FL_global_model.pt"
-BEST_MODEL = "best_FL_global_model.pt"
 COMPLETED = "FINISHED:COMPLETED"
 
 
 def stage_summary(run_dir: Path) -> dict[str, Any]:
     """Rounds, accepted/rejected sites and the last round's aggregated metrics from a server run folder."""
-    rounds_file = run_dir / "bsf_rounds.jsonl"
-    rounds = [json.loads(line) for line in rounds_file.read_text().splitlines()] if rounds_file.is_file() else []
+    rounds = run_folders.read_rounds(run_dir)
     return {
         "rounds": len(rounds),
         "accepted_sites": [r.get("accepted_sites", []) for r in rounds],
         "rejected_sites": [r.get("rejected_sites", []) for r in rounds],
         "last_metrics": rounds[-1].get("metrics", {}) if rounds else {},
     }
+
+
+def plan_jobs(
+    jobs: Sequence[str], n_sites: int, num_rounds: int | None = None, local_steps: int | None = None,
+    overrides: Sequence[str] = (), cross_site_eval: bool | None = None,
+) -> list:
+    """The listed committed jobs in stage-graph order with this run's sizes (their starting models come later).
+
+    A stage whose predecessor (nor any stage up its line) is listed is an error here, before anything starts.
+    """
+    from bsf.fl.jobs import COMMITTED_JOBS
+
+    unknown = [j for j in jobs if j not in COMMITTED_JOBS]
+    if unknown:
+        raise DeploymentError(f"unknown stage job(s) {unknown}; choose from {sorted(COMMITTED_JOBS)}")
+    by_stage = {COMMITTED_JOBS[j].stage: COMMITTED_JOBS[j] for j in jobs}
+    if len(by_stage) < len(jobs):
+        raise DeploymentError(f"--stages {' '.join(jobs)}: two jobs of the same stage")
+    specs = []
+    for stage, _ in plan(list(by_stage)):
+        spec = by_stage[stage.name]
+        changes = {"min_clients": min(spec.federation.min_clients, n_sites)}
+        changes.update({k: v for k, v in (("rounds", num_rounds), ("local_steps", local_steps), ("cross_site_eval", cross_site_eval)) if v is not None})
+        specs.append(replace(spec, run_overrides=[*spec.run_overrides, *overrides]).with_federation(**changes))
+    return specs
+
+
+def _run_job(poc: PocDeployment, spec, out: Path, timeout: float) -> dict[str, Any]:
+    """Submit ``spec``'s exported job, wait, download its run folder; return its summary entry."""
+    from bsf.fl.jobs import export_job
+
+    job_id = poc.submit(export_job(spec, out / "jobs"))
+    status = poc.wait(job_id, timeout=timeout)
+    run_dir = poc.download(job_id, out / "results")
+    entry = {"job_id": job_id, "status": status, "run_dir": str(run_dir), **stage_summary(run_dir)}
+    if spec.start is not None:
+        entry["started_from"] = {"stage": spec.start.stage, "model": str(spec.start.model)}
+    return entry
+
+
+def _keep_models(spec, entry: dict[str, Any], models: Path) -> Path:
+    """Copy a completed job's global (and best) model into ``models``; return the global one. A failed job: DeploymentError."""
+    run_dir = Path(entry["run_dir"])
+    if entry["status"] != COMPLETED or not run_folders.global_model(run_dir).is_file():
+        raise DeploymentError(f"{spec.name} (job {entry['job_id']}) ended {entry['status']} without a global model; see {run_dir}/log.txt")
+    for source in (run_folders.global_model(run_dir), run_folders.best_model(run_dir)):
+        if source.is_file():
+            shutil.copyfile(source, models / f"{spec.name}_{source.name}")
+    kept = models / f"{spec.name}_{run_folders.GLOBAL_MODEL}"
+    entry["global_model"] = str(kept)
+    log.info("%s: %s, %d rounds, global model %s", spec.name, entry["status"], entry["rounds"], kept)
+    return kept
 
 
 def run_poc(
@@ -49,49 +103,18 @@ def run_poc(
     env: Mapping[str, str] | None = None, timeout: float = 3600,
 ) -> dict[str, Any]:
     """Run ``stages`` on a fresh local deployment of ``sites``; returns the summary also written to ``poc_summary.json``."""
-    from bsf.fl.jobs import COMMITTED_JOBS, export_job
-
-    unknown = [s for s in stages if s not in COMMITTED_JOBS]
-    if unknown:
-        raise DeploymentError(f"unknown stage job(s) {unknown}; choose from {sorted(COMMITTED_JOBS)}")
+    specs = plan_jobs(stages, len(sites), num_rounds, local_steps, overrides, cross_site_eval)
     out = Path(out).resolve()
-    models = out / "models"
-    models.mkdir(parents=True, exist_ok=True)
+    (out / "models").mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"sites": list(sites), "stages": {}}
-    previous: Path | None = None
+    models: dict[str, Path] = {}  # stage -> its downloaded global model
     try:
         with PocDeployment(out, sites=sites, site_configs=site_configs, env=env) as poc:
             poc.start()
-            for stage in stages:
-                spec = COMMITTED_JOBS[stage]
-                changes: dict[str, Any] = {"min_clients": min(spec.min_clients, len(sites))}
-                if num_rounds is not None:
-                    changes["num_rounds"] = num_rounds
-                if local_steps is not None:
-                    changes["local_steps"] = local_steps
-                if overrides:
-                    changes["run_overrides"] = [*spec.run_overrides, *overrides]
-                if cross_site_eval is not None:
-                    changes["cross_site_eval"] = cross_site_eval
-                if spec.require_pretrained:
-                    if previous is None:
-                        raise DeploymentError(f"{stage} needs the previous stage's model: list a Stage 1/2 job before it")
-                    changes["pretrained"] = str(previous)
-                job = export_job(replace(spec, **changes), out / "jobs")
-                job_id = poc.submit(job)
-                status = poc.wait(job_id, timeout=timeout)
-                run_dir = poc.download(job_id, out / "results")
-                entry = {"job_id": job_id, "status": status, "run_dir": str(run_dir), **stage_summary(run_dir)}
-                summary["stages"][stage] = entry
-                global_model = run_dir / "app_server" / GLOBAL_MODEL
-                if status != COMPLETED or not global_model.is_file():
-                    raise DeploymentError(f"{stage} (job {job_id}) ended {status} without a global model; see {run_dir}/log.txt")
-                for name in (GLOBAL_MODEL, BEST_MODEL):
-                    if (run_dir / "app_server" / name).is_file():
-                        shutil.copyfile(run_dir / "app_server" / name, models / f"{stage}_{name}")
-                entry["global_model"] = str(models / f"{stage}_{GLOBAL_MODEL}")
-                previous = models / f"{stage}_{GLOBAL_MODEL}"
-                log.info("%s: %s, %d rounds, global model %s", stage, status, entry["rounds"], previous)
+            for base in specs:
+                spec = replace(base, start=start_point(base.stage, models))
+                entry = summary["stages"][spec.name] = _run_job(poc, spec, out, timeout)
+                models[spec.stage] = _keep_models(spec, entry, out / "models")
     finally:
         (out / "poc_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
