@@ -45,20 +45,20 @@ def test_check_update_rejects_key_and_shape_mismatches():
 # ------------------------------------------------------------------ weighting
 def test_step_weighted_average_on_a_controlled_case():
     # site A: 1 step with value 1; site B: 3 steps with value 5 -> (1*1 + 3*5) / 4 = 4
-    a = update_weight({"NUM_STEPS_CURRENT_ROUND": 1, "num_cases": 30}, "steps")
-    b = update_weight({"NUM_STEPS_CURRENT_ROUND": 3, "num_cases": 10}, "steps")
+    a, _ = update_weight({"NUM_STEPS_CURRENT_ROUND": 1, "num_cases": 30}, "steps")
+    b, _ = update_weight({"NUM_STEPS_CURRENT_ROUND": 3, "num_cases": 10}, "steps")
     avg = weighted_average([(_params(1.0), a), (_params(5.0), b)])
     for k, shape in REF.items():
         assert avg[k].dtype == np.float32 and avg[k].shape == shape
         np.testing.assert_allclose(avg[k], 4.0, rtol=0, atol=1e-7)
     # by cases: (30*1 + 10*5) / 40 = 2
-    ca = update_weight({"NUM_STEPS_CURRENT_ROUND": 1, "num_cases": 30}, "cases")
-    cb = update_weight({"NUM_STEPS_CURRENT_ROUND": 3, "num_cases": 10}, "cases")
+    ca, _ = update_weight({"NUM_STEPS_CURRENT_ROUND": 1, "num_cases": 30}, "cases")
+    cb, _ = update_weight({"NUM_STEPS_CURRENT_ROUND": 3, "num_cases": 10}, "cases")
     np.testing.assert_allclose(weighted_average([(_params(1.0), ca), (_params(5.0), cb)])["swinViT.a"], 2.0)
-    assert update_weight({"NUM_STEPS_CURRENT_ROUND": 7}, "uniform") == 1.0
-    assert update_weight({}, "steps") == 1.0  # missing -> neutral, like NVFlare's FedAvg
-    assert update_weight({"NUM_STEPS_CURRENT_ROUND": float("nan")}, "steps") == 1.0
-    with pytest.raises(ValueError):
+    assert update_weight({"NUM_STEPS_CURRENT_ROUND": 7}, "uniform") == (1.0, "")
+    assert update_weight({}, "steps")[0] == 1.0  # missing -> neutral, like NVFlare's FedAvg
+    assert update_weight({"NUM_STEPS_CURRENT_ROUND": float("nan")}, "steps")[0] == 1.0
+    with pytest.raises(ConfigError, match="bogus"):
         update_weight({}, "bogus")
 
 

@@ -2,16 +2,24 @@
 
 Two layers:
 
-* :func:`check_update` and :class:`WeightedMean` are plain NumPy (no NVFlare): what makes an
-  update acceptable, and the weighted average itself. Unit tests drive them directly.
+* :func:`check_update`, :func:`update_weight` and :class:`WeightedMean` are plain NumPy (no NVFlare):
+  what makes an update acceptable, what it weighs, and the weighted average itself. Unit tests drive
+  them directly.
 * :class:`CheckedFedAvgAggregator` plugs them into NVFlare's ``FedAvg`` controller as a
-  ``ModelAggregator``. It rejects an update that contains NaN/Inf or whose keys/shapes differ
-  from the global model, logs which site sent it, and aggregates the others. When fewer than
-  ``min_accepted`` updates survive a round, the global model is left unchanged for that round
-  (an empty weight difference) and the round is reported as skipped.
+  ``ModelAggregator``. It rejects an update whose keys/shapes differ from the global model, whose
+  tensors are not real floating point, or whose values are NaN/Inf in float32 (the dtype of the
+  global model: a float64 1e300 is rejected, it would become Inf), logs which site sent it and why,
+  and aggregates the others. When fewer than ``min_accepted`` updates survive a round, the global
+  model is left unchanged for that round (an empty weight difference) and the round is reported as
+  skipped.
 
 Weights: ``steps`` (``NUM_STEPS_CURRENT_ROUND``, NVFlare's FedAvg default), ``cases`` (the
-site's number of training cases, sent in the result meta as ``num_cases``) or ``uniform``.
+site's number of training cases, sent in the result meta as ``num_cases``) or ``uniform``. A claim
+is the site's word, so it is bounded: a ``steps`` claim by the job's local steps (``expected_steps``:
+an honest site runs exactly that many), a ``cases`` claim by ``max_cases``. A claim above its bound
+is **clipped to the bound** (the update still counts, as much as the largest honest one; a warning
+and the round record name the site); a missing or malformed claim (absent, not a positive finite
+real number: bool, string, Fraction, ...) weighs 1, like NVFlare's FedAvg.
 """
 
 from __future__ import annotations
@@ -22,22 +30,48 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from bsf.config import WEIGHTINGS
+from bsf.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
-WEIGHTINGS = ("steps", "cases", "uniform")
 META_NUM_CASES = "num_cases"
 META_NUM_STEPS = "NUM_STEPS_CURRENT_ROUND"  # == nvflare.apis.fl_constant.FLMetaKey.NUM_STEPS_CURRENT_ROUND
+#: the dtypes an update's tensors may have: real floating point of 16, 32 or 64 bits
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: the bound of any weight claim when the job gives none (``cases``, or ``steps`` without ``expected_steps``)
+MAX_CLAIM = 1_000_000
 
 
 def _shape(value: Any) -> tuple[int, ...]:
     return tuple(np.shape(value))
 
 
+def _float32_problem(value: Any) -> str | None:
+    """Why ``value`` cannot enter a float32 global model: ``"dtype"``, ``"nan_inf"``, ``"overflow"``, or ``None``."""
+    arr = np.asarray(value)
+    if arr.dtype not in FLOAT_DTYPES:
+        return "dtype"
+    if not np.isfinite(arr).all():
+        return "nan_inf"
+    if arr.dtype.itemsize > 4:
+        with np.errstate(over="ignore"):
+            if not np.isfinite(arr.astype(np.float32)).all():
+                return "overflow"
+    return None
+
+
+def non_finite_tensors(params: Mapping[str, Any]) -> list[str]:
+    """Keys of the tensors that are not finite float32 (NaN, Inf, beyond float32's range, or not floating)."""
+    return [k for k, v in params.items() if _float32_problem(v) is not None]
+
+
 def check_update(params: Mapping[str, Any] | None, reference: Mapping[str, tuple[int, ...]]) -> list[str]:
     """Problems that make ``params`` unusable against a global model with ``reference`` shapes.
 
     Returns an empty list when the update is acceptable: exactly the reference keys, the same
-    shapes, numeric and finite everywhere. Messages name keys (never values).
+    shapes, real floating dtypes (float16/32/64), finite everywhere once cast to float32.
+    Messages name keys (never values).
     """
     if not params:
         return ["the update is empty"]
@@ -54,34 +88,67 @@ def check_update(params: Mapping[str, Any] | None, reference: Mapping[str, tuple
         problems.append(
             f"{len(bad_shape)} shape mismatch(es), e.g. {k}: {_shape(params[k])} vs global {tuple(reference[k])}"
         )
-    non_finite = []
+    found: dict[str, list[str]] = {"dtype": [], "nan_inf": [], "overflow": []}
     for k, v in params.items():
-        arr = np.asarray(v)
-        if not np.issubdtype(arr.dtype, np.number):
-            problems.append(f"{k} is not numeric ({arr.dtype})")
-            continue
-        if not np.isfinite(arr).all():
-            non_finite.append(k)
-    if non_finite:
-        problems.append(f"{len(non_finite)} tensor(s) contain NaN/Inf, e.g. {non_finite[:3]}")
+        problem = _float32_problem(v)
+        if problem is not None:
+            found[problem].append(k)
+    if found["dtype"]:
+        k = found["dtype"][0]
+        problems.append(
+            f"{len(found['dtype'])} tensor(s) not real floating point (float16/32/64), e.g. {k} ({np.asarray(params[k]).dtype})"
+        )
+    if found["nan_inf"]:
+        problems.append(f"{len(found['nan_inf'])} tensor(s) contain NaN/Inf, e.g. {found['nan_inf'][:3]}")
+    if found["overflow"]:
+        problems.append(
+            f"{len(found['overflow'])} tensor(s) overflow float32 (the global model's dtype: NaN/Inf after the cast), "
+            f"e.g. {found['overflow'][:3]}"
+        )
     return problems
 
 
-def update_weight(meta: Mapping[str, Any] | None, weigh_by: str) -> float:
-    """The aggregation weight of one result (``steps``, ``cases`` or ``uniform``); 1.0 if absent/invalid."""
-    if weigh_by not in WEIGHTINGS:
-        raise ValueError(f"weigh_by must be one of {WEIGHTINGS}, got {weigh_by!r}")
-    if weigh_by == "uniform":
-        return 1.0
+def _is_real(value: Any) -> bool:
+    """A Python int/float or a NumPy integer/floating scalar (no bool, string, Fraction, Decimal, complex)."""
+    return type(value) in (int, float) or isinstance(value, (np.integer, np.floating))
+
+
+def claimed_weight(meta: Mapping[str, Any] | None, weigh_by: str) -> float | None:
+    """A site's weight claim (``steps``: ``NUM_STEPS_CURRENT_ROUND``, ``cases``: ``num_cases``).
+
+    A positive float (``inf`` for a claim beyond float's range), or ``None`` when absent, not
+    positive, NaN, or not a real number.
+    """
     key = META_NUM_STEPS if weigh_by == "steps" else META_NUM_CASES
     value = (meta or {}).get(key)
+    if not _is_real(value):
+        return None
     try:
         weight = float(value)
-    except (TypeError, ValueError):
-        return 1.0
-    if isinstance(value, bool) or not math.isfinite(weight) or weight <= 0:
-        return 1.0
-    return weight
+    except OverflowError:  # an int beyond float's range
+        weight = math.inf if value > 0 else -math.inf
+    return weight if weight > 0 else None  # NaN > 0 is False
+
+
+def update_weight(meta: Mapping[str, Any] | None, weigh_by: str, bound: float = MAX_CLAIM) -> tuple[float, str]:
+    """The aggregation weight of one result and a note on how it was derived (empty: the claim as is).
+
+    Args:
+        meta: the result's metadata.
+        weigh_by: ``steps``, ``cases`` or ``uniform`` (always 1).
+        bound: the largest weight a claim may give (see the module docstring): above it, clipped to it.
+    """
+    if weigh_by not in WEIGHTINGS:
+        raise ConfigError(f"weigh_by must be one of {WEIGHTINGS}, got {weigh_by!r}")
+    if weigh_by == "uniform":
+        return 1.0, ""
+    claim = claimed_weight(meta, weigh_by)
+    key = META_NUM_STEPS if weigh_by == "steps" else META_NUM_CASES
+    if claim is None:
+        return 1.0, f"no valid {key} claim; weight 1"
+    if claim > bound:
+        return float(bound), f"{key} claim {claim:.6g} is above the bound {bound:g}; clipped to it"
+    return claim, ""
 
 
 class WeightedMean:
@@ -96,6 +163,7 @@ class WeightedMean:
         self.contributors: list[tuple[str, float]] = []
 
     def add(self, params: Mapping[str, Any], weight: float, name: str = "?") -> None:
+        """Add ``params`` (key -> array, any shape) with a positive finite ``weight``."""
         if weight <= 0 or not math.isfinite(weight):
             raise ValueError(f"weight must be positive and finite, got {weight}")
         for k, v in params.items():
@@ -111,6 +179,7 @@ class WeightedMean:
         return len(self.contributors)
 
     def result(self) -> dict[str, np.ndarray]:
+        """Key -> float32 weighted mean (same shapes as the inputs); empty before any ``add``."""
         if not self.contributors:
             return {}
         return {k: (s / self.total_weight).astype(np.float32) for k, s in self._sums.items()}
@@ -133,25 +202,42 @@ except ImportError:  # pragma: no cover - exercised only without nvflare install
 
 
 class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
-    """FedAvg ``ModelAggregator`` that validates every result before it counts.
+    """FedAvg ``ModelAggregator`` that validates every result and bounds its weight before it counts.
 
     Args:
         weigh_by: ``steps`` | ``cases`` | ``uniform``.
         min_accepted: fewest accepted updates for the round to change the global model.
+        expected_steps: the job's local steps per round: the bound of a ``steps`` claim
+            (``None``: :data:`MAX_CLAIM`).
+        max_cases: the largest training set a site may claim: the bound of a ``cases`` claim.
     """
 
-    def __init__(self, weigh_by: str = "steps", min_accepted: int = 1):
+    def __init__(self, weigh_by: str = "steps", min_accepted: int = 1, expected_steps: int | None = None,
+                 max_cases: int = MAX_CLAIM):
         super().__init__()
         if weigh_by not in WEIGHTINGS:
-            raise ValueError(f"weigh_by must be one of {WEIGHTINGS}, got {weigh_by!r}")
+            raise ConfigError(f"weigh_by must be one of {WEIGHTINGS}, got {weigh_by!r}")
+        for name, value in (("expected_steps", expected_steps), ("max_cases", max_cases)):
+            if value is not None and (type(value) is not int or not 1 <= value <= MAX_CLAIM):
+                raise ConfigError(f"{name} must be an int in [1, {MAX_CLAIM}], got {value!r}")
         self.weigh_by = weigh_by
         self.min_accepted = max(1, int(min_accepted))
+        self.expected_steps = expected_steps
+        self.max_cases = max_cases
         self._mean = WeightedMean()
         self._params_type = None
         self._rejected: list[tuple[str, str]] = []
+        self._notes: dict[str, str] = {}
         self._metrics = WeightedMean()
         self._reference: dict[str, tuple[int, ...]] | None = None
         self._first_update: dict[str, np.ndarray] | None = None
+
+    @property
+    def max_weight(self) -> float:
+        """The largest weight one update can have under this job's weighting."""
+        if self.weigh_by == "steps":
+            return float(self.expected_steps or MAX_CLAIM)
+        return float(self.max_cases) if self.weigh_by == "cases" else 1.0
 
     def set_reference(self, global_params: Mapping[str, Any]) -> None:
         """Record the global model's keys and shapes (the controller calls this once the model is loaded)."""
@@ -162,7 +248,8 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         """``(site, reason)`` of the updates rejected in the current round."""
         return list(self._rejected)
 
-    def _reject(self, site: str, reason: str) -> bool:
+    def reject(self, site: str, reason: str) -> bool:
+        """Count ``site``'s result of this round as rejected for ``reason`` (logged; in the round's meta)."""
         self._rejected.append((site, reason))
         log.error("rejected the update from site %s: %s", site, reason)
         return False
@@ -173,42 +260,52 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         self._metrics.reset()
         self._params_type = None
         self._rejected = []
+        self._notes = {}
         self._first_update = None
 
     def accept_model(self, model: FLModel) -> bool:
         meta = model.meta or {}
         site = str(meta.get("client_name", "unknown"))
         if self._reference is None:
-            return self._reject(site, "the server has no global model to check the update against")
+            return self.reject(site, "the server has no global model to check the update against")
         params_type = model.params_type
         if params_type not in (ParamsType.FULL, ParamsType.DIFF):
-            return self._reject(site, f"unsupported params type {params_type}")
+            return self.reject(site, f"unsupported params type {params_type}")
         if self._params_type is not None and params_type != self._params_type:
-            return self._reject(site, f"params type {params_type} differs from this round's {self._params_type}")
+            return self.reject(site, f"params type {params_type} differs from this round's {self._params_type}")
         problems = check_update(model.params, self._reference)
         if problems:
-            return self._reject(site, "; ".join(problems))
-        weight = update_weight(meta, self.weigh_by)
+            return self.reject(site, "; ".join(problems))
+        weight, note = update_weight(meta, self.weigh_by, self.max_weight)
+        if note:
+            self._notes[site] = note
+            log.warning("site %s: %s", site, note)
         self._params_type = params_type
         self._mean.add(model.params, weight, site)
         if len(self._mean) == 1:
             self._first_update = {k: np.asarray(v, dtype=np.float32) for k, v in model.params.items()}
         else:
             self._first_update = None
-        numeric = {
-            k: float(v)
-            for k, v in (model.metrics or {}).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-        }
+        numeric = {k: float(v) for k, v in (model.metrics or {}).items() if _is_real(v) and math.isfinite(float(v))}
         if numeric:
             self._metrics.add(numeric, weight, site)
         log.info("accepted the update from site %s (weight %s, %s)", site, weight, params_type)
         return True
 
+    def _round_meta(self) -> dict[str, Any]:
+        """What the round record says about the sites: who counted with which weight, who was rejected and why."""
+        return {
+            "accepted_sites": [name for name, _ in self._mean.contributors],
+            "rejected_sites": [name for name, _ in self._rejected],
+            "rejections": [{"site": name, "reason": reason} for name, reason in self._rejected],
+            "weights": {name: weight for name, weight in self._mean.contributors},
+            "weight_notes": dict(self._notes),
+            "weigh_by": self.weigh_by,
+        }
+
     def aggregate_model(self) -> FLModel:
-        accepted = [name for name, _ in self._mean.contributors]
-        rejected = [name for name, _ in self._rejected]
-        meta = {"accepted_sites": accepted, "rejected_sites": rejected, "weigh_by": self.weigh_by}
+        meta = self._round_meta()
+        accepted, rejected = meta["accepted_sites"], meta["rejected_sites"]
         if len(accepted) < self.min_accepted:
             message = (
                 f"only {len(accepted)} acceptable update(s) (need {self.min_accepted}); rejected: {rejected}. "
