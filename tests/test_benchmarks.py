@@ -48,6 +48,7 @@ def test_bench_runs_at_test_size_and_reports_speedups_against_the_reference(tmp_
     assert [r["name"] for r in rows] == ["reference", "fast", "fast+sdpa"]
     reference = rows[0]
     assert reference["reference"] and reference["speedup"] == pytest.approx(1.0)
+    assert all("Engine.train_steps" in r["label"] for r in rows[1:])  # the fast rows time the users' step
     for row in rows:
         for field in ("steps_per_s", "samples_per_s", "encoder_passes_per_s", "step_s_median", "speedup"):
             assert _positive(row[field]), (row["name"], field)
@@ -58,6 +59,40 @@ def test_bench_runs_at_test_size_and_reports_speedups_against_the_reference(tmp_
         memory = row["peak_memory"]
         assert memory["kind"] == "cpu_rss_rise" and memory["bytes"] >= memory["state_bytes"] > 0
         assert math.isfinite(row["info"]["final_loss"]) and row["info"]["augmentation_s_median"] > 0
+
+
+def test_the_fast_step_is_the_engines_training_step_on_the_same_batch(stage1_config):
+    """What ``bsf bench`` times as ``fast`` is ``Engine.train_steps``: same loss and weights as a user's engine
+    on the batch its own loader gives, bit for bit (the bench only holds that batch fixed)."""
+    from bsf.bench.steps import EngineStep
+    from bsf.engine import Engine
+
+    config = stage1_config("data.crops_per_volume=1", "train.steps=2")
+    users = Engine(config)
+    batch = Engine(config)._next_micro_batch()  # the loader's first micro-batch
+    step = EngineStep(config, batch)
+    step()
+    assert step.engine.step == 1 and step.last_loss == users.train_steps(1)[0]["loss"]
+    ours, theirs = step.engine.model.state_dict(), users.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    state_bytes = sum(t.numel() * t.element_size() for t in step.state())
+    assert state_bytes > 3 * sum(p.numel() * 4 for p in step.engine.model.parameters())  # weights, grads, 2 Adam moments
+
+
+def test_mixed_precision_on_the_cpu_is_refused_before_any_work(tmp_path, capsys):
+    assert main(["bench", "--device", "cpu", "--precision", "bf16", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--precision bf16 on the CPU" in err and "fp32" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_numerics_says_it_is_skipped_on_the_cpu():
+    """The engine trains in fp32 only on a CPU: ``bsf bench`` (all benchmarks) must not stop at numerics there."""
+    from bsf.bench import numerics
+
+    opts = Options(size=SIZES["test"], device=torch.device("cpu"), precision="fp32", compile=False, steps=1, warmup=0, repeats=1)
+    result = numerics.run(opts)
+    assert result["skipped"] and "skipped on the CPU" in result["summary"][0]
 
 
 def test_compare_times_variants_alternately_and_divides_by_the_reference():

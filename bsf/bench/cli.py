@@ -35,7 +35,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), metavar="NAME",
                    help=f"run only these ({', '.join(BENCHMARKS)})")
-    p.add_argument("--precision", choices=PRECISIONS, default=None, help="the fast path's autocast (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="the fast path's train.precision (default: bf16 on CUDA; fp32, the only choice, on CPU)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="also time torch.compile'd steps (auto: on CUDA only; compiling takes minutes on a CPU)")
     p.add_argument("--steps", type=_positive, default=None, help="timed steps per variant and round (default: by size)")
@@ -76,6 +76,8 @@ def options(args: argparse.Namespace):
     if overrides:
         size = type(size)(**{**size.__dict__, **overrides})
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if device.type == "cpu" and precision != "fp32":
+        raise BSFError(f"--precision {precision} on the CPU: the engine trains in fp32 on CPUs (mixed precision is for GPUs); use fp32")
     if device.type == "cuda":
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise BSFError("--precision bf16: this GPU does not support bfloat16; use fp16 or fp32")

@@ -8,10 +8,12 @@ tensors already on the device (data loading is the ``data_wait`` benchmark).
 - ``reference``: per-sample Python-loop rotation and box-by-box corruption (a port of the public
   ``utils/ops.py``: ``rot_rand``, ``aug_rand``, ``patch_rand_drop``), two encoder calls, fp16 autocast +
   GradScaler on CUDA (fp32 on CPU), ``torch.optim.AdamW`` defaults.
-- ``fast``: ``bsf.ssl.make_ssl_views`` (vectorised, on the device), one call on all 2N views, the fast
-  precision, fused AdamW on CUDA, gradient clipping at 1.0 as the engine does.
-- ``fast+sdpa``: the same with SDPA window attention (:func:`bsf.model.attention.use_sdpa_attention`).
-- ``fast+compile``, ``fast+sdpa+compile``: the same with ``torch.compile`` (with ``--compile``).
+- ``fast``: the project's own step, ``Engine.train_steps`` of a Stage 1 engine at the bench size
+  (:class:`bsf.bench.steps.EngineStep`): ``bsf.ssl.make_ssl_views`` (vectorised, on the device), one
+  call on all 2N views, the fast precision (``train.precision``), fused AdamW on CUDA, the preset's
+  gradient clipping and learning-rate schedule.
+- ``fast+sdpa``: the same with ``train.attention: sdpa`` (SDPA window attention).
+- ``fast+compile``, ``fast+sdpa+compile``: the same with ``train.compile: true`` (with ``--compile``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import numpy as np
 import torch
 
 from bsf.bench.harness import Options, Variant, compare, time_calls
-from bsf.bench.steps import TrainStep
+from bsf.bench.steps import EngineStep, ReferenceStep
+from bsf.bench.synthetic import fast_train_overrides, stage1_config
 from bsf.model import SSLModel
-from bsf.model.attention import use_sdpa_attention
-from bsf.ssl import CorruptionConfig, SSLLoss, make_ssl_views
+from bsf.ssl import SSLLoss, make_ssl_views
 
 IN_CHANNELS = 2
 
@@ -106,40 +108,29 @@ def _reference(x: torch.Tensor, opts: Options) -> Variant:
     torch.manual_seed(opts.seed)
     criterion, rng = SSLLoss(), np.random.RandomState(opts.seed)
 
-    def loss(forward):
+    def loss(model):
         (x1, x2), labels, targets = reference_views(x, rng)
-        rot1, con1, rec1 = forward(x1)
-        rot2, con2, rec2 = forward(x2)
+        rot1, con1, rec1 = model(x1)
+        rot2, con2, rec2 = model(x2)
         return criterion(torch.cat([rot1, rot2]), labels, torch.cat([con1, con2]), torch.cat([rec1, rec2]), targets)[0]
 
     precision = "fp16" if opts.device.type == "cuda" else "fp32"
-    step = TrainStep(SSLModel(opts.size.model, IN_CHANNELS), loss, device=opts.device, precision=precision, fused=False)
+    step = ReferenceStep(SSLModel(opts.size.model, IN_CHANNELS), loss, device=opts.device, precision=precision)
     augment = lambda: reference_views(x, rng)  # noqa: E731
     return _variant("reference", f"reference ({precision}, loop aug, 2 calls, AdamW)", step, x, augment, reference=True)
 
 
 def _fast(x: torch.Tensor, opts: Options, compiled: bool = False, sdpa: bool = False) -> Variant:
-    torch.manual_seed(opts.seed)
-    criterion, corruption = SSLLoss(), CorruptionConfig()
+    """``Engine.train_steps`` of Stage 1 at the bench size on the crops ``x``: the step users run."""
+    step = EngineStep(stage1_config(opts, *fast_train_overrides(opts, sdpa=sdpa, compiled=compiled)), {"image": x})
     generator = torch.Generator(opts.device).manual_seed(opts.seed)
-
-    def loss(forward):
-        views = make_ssl_views(x, generator, corruption)
-        out = forward(views.inputs)
-        return criterion(out.rotation_logits, views.rotation_labels, out.contrastive, out.reconstruction, views.targets)[0]
-
-    fused = opts.device.type == "cuda"
-    model = SSLModel(opts.size.model, IN_CHANNELS)
-    step = TrainStep(use_sdpa_attention(model) if sdpa else model, loss, device=opts.device, precision=opts.precision,
-                     fused=fused, compile=compiled, grad_clip=1.0)
-    parts = [opts.precision, "vectorised aug", "1 call", "fused AdamW" if fused else "AdamW", "clip 1.0"]
-    parts += (["SDPA"] if sdpa else []) + (["compile"] if compiled else [])
+    augment = lambda: make_ssl_views(x, generator, step.engine.task.corruption)  # noqa: E731
     name = "fast" + ("+sdpa" if sdpa else "") + ("+compile" if compiled else "")
-    augment = lambda: make_ssl_views(x, generator, corruption)  # noqa: E731
-    return _variant(name, "fast (" + ", ".join(parts) + ")", step, x, augment)
+    label = "fast (" + ", ".join(["Engine.train_steps", "vectorised aug", "1 call", *step.describe()]) + ")"
+    return _variant(name, label, step, x, augment)
 
 
-def _variant(name, label, step: TrainStep, x, augment, reference=False) -> Variant:
+def _variant(name, label, step: EngineStep | ReferenceStep, x, augment, reference=False) -> Variant:
     variant = Variant(name, label, step, items=x.shape[0], state=step.state, is_reference=reference)
     variant.info["augment"] = augment
     return variant
