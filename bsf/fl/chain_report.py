@@ -2,8 +2,8 @@
 
 Everything comes from files the federation wrote on the server (``bsf_metrics.json``,
 ``bsf_rounds.jsonl``, ``cross_site_val/``, ``FL_global_model.pt``) plus, for the overlay, one
-validation case of a simulated site predicted with the Stage 3 global model through the engine's
-own model builder and :meth:`bsf.engine.segmentation.SegmentationTask.predict`.
+validation case of a simulated site predicted with the Stage 3 global model through the one inference
+path (:mod:`bsf.inference`, via :meth:`bsf.engine.segmentation.SegmentationTask.segment`).
 """
 
 from __future__ import annotations
