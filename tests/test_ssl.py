@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from bsf.errors import ConfigError
 from bsf.ssl import CorruptionConfig, SSLLoss, SSLViews, corrupt, make_ssl_views, rotate90
+from bsf.ssl.boxes import draw_boxes
 
 SHAPE = (4, 2, 32, 32, 32)
 
@@ -30,19 +31,19 @@ def _changed(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (out != x).any(dim=1, keepdim=True)
 
 
-def test_rotate90_matches_torch_rot90_per_sample_and_inverts() -> None:
-    x = _crops(shape=(4, 2, 8, 8, 5))
+def test_rotate90_turns_the_last_two_spatial_axes_per_sample_and_inverts() -> None:
+    x = _crops(shape=(4, 2, 5, 8, 8))
     k = torch.tensor([2, 0, 3, 1])
     rotated = rotate90(x, k)
     for i in range(4):
-        assert torch.equal(rotated[i], torch.rot90(x[i], int(k[i]), dims=(1, 2)))
+        assert torch.equal(rotated[i], x[i].rot90(int(k[i]), (2, 3)))  # the public code's plane
     assert torch.equal(rotate90(rotated, (4 - k) % 4), x)
 
 
-def test_rotate90_rejects_non_cubic_and_wrong_k() -> None:
-    with pytest.raises(ValueError):
-        rotate90(torch.zeros(2, 1, 8, 6, 8), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError):
+def test_rotate90_rejects_non_square_plane_and_wrong_k() -> None:
+    with pytest.raises(ValueError, match="Y == Z"):
+        rotate90(torch.zeros(2, 1, 8, 8, 6), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="one k per sample"):
         rotate90(torch.zeros(2, 1, 8, 8, 8), torch.zeros(3, dtype=torch.long))
 
 
@@ -53,78 +54,89 @@ def test_views_shapes_and_labels_match_applied_rotation() -> None:
     assert views.inputs.shape == views.targets.shape == (8, *SHAPE[1:])
     assert views.rotation_labels.shape == (8,) and views.rotation_labels.dtype == torch.long
     for i in range(8):
-        expected = torch.rot90(x[i % 4], int(views.rotation_labels[i]), dims=(1, 2))
-        assert torch.equal(views.targets[i], expected)
+        assert torch.equal(views.targets[i], x[i % 4].rot90(int(views.rotation_labels[i]), (2, 3)))
     labels = torch.cat([make_ssl_views(x, _gen(seed)).rotation_labels for seed in range(10)])
     assert set(labels.tolist()) == {0, 1, 2, 3}
 
 
-def test_corrupted_fraction_within_budget_and_positive() -> None:
-    cfg = CorruptionConfig(noise_boxes=64, paste_boxes=64)  # volumes add up well past the budget
-    x = _crops()
-    fractions = []
-    for seed in range(10):
-        out, mask = corrupt(x, _gen(seed), cfg)
-        assert mask.shape == (4, 1, 32, 32, 32) and mask.dtype == torch.bool
-        assert not (_changed(out, x) & ~mask).any(), "voxels changed outside the mask"
-        fractions.append(mask.float().mean(dim=(1, 2, 3, 4)))
-    fractions = torch.cat(fractions)
-    assert (fractions <= cfg.max_corrupted_fraction).all()
-    assert (fractions > 0).all()
-    assert fractions.max() > 0.8 * cfg.max_corrupted_fraction, "budget never approached"
-
-
-def test_views_corrupted_fraction_within_default_budget() -> None:
-    cfg = CorruptionConfig()
-    for seed in range(5):
-        views = make_ssl_views(_crops(seed), _gen(seed), cfg)
-        fraction = _changed(views.inputs, views.targets).float().mean(dim=(1, 2, 3, 4))
-        assert (fraction <= cfg.max_corrupted_fraction).all() and (fraction > 0).all()
-
-
-def test_box_sides_within_max_box_fraction() -> None:
-    cfg = CorruptionConfig(max_box_fraction=0.25, noise_boxes=1, paste_boxes=0)
-    x = _crops()
-    for seed in range(10):
-        _, mask = corrupt(x, _gen(seed), cfg)
-        for axis in (2, 3, 4):
-            other = tuple(d for d in (2, 3, 4) if d != axis)
-            extent = mask.any(dim=other).sum(dim=-1)
-            assert (extent >= 1).all() and (extent <= 8).all()
-
-
-def test_noise_within_each_sample_range() -> None:
-    cfg = CorruptionConfig(noise_boxes=16, paste_boxes=0)
-    x = _crops()
-    out, mask = corrupt(x, _gen(3), cfg)
-    for i in range(4):
-        inside = out[i][mask[i].expand_as(out[i])]
-        assert inside.numel() > 0
-        assert inside.min() >= x[i].min() and inside.max() <= x[i].max()
-        assert not torch.equal(inside, x[i][mask[i].expand_as(out[i])])
-
-
-def test_pasted_voxels_come_from_another_sample() -> None:
-    cfg = CorruptionConfig(noise_boxes=0, paste_boxes=8)
+def test_changes_only_inside_the_masks_and_every_sample_is_corrupted() -> None:
     x = _crops()
     for seed in range(5):
-        out, mask = corrupt(x, _gen(seed), cfg)
-        for i in range(4):
-            region = mask[i].expand_as(out[i])
-            assert region.any()
-            sources = [j for j in range(4) if torch.equal(out[i][region], x[j][region])]
-            assert sources and i not in sources
+        result = corrupt(x, _gen(seed))
+        assert result.noise.shape == result.pasted.shape == (4, 1, 32, 32, 32)
+        assert not (_changed(result.image, x) & ~result.changed).any(), "voxels changed outside the masks"
+        assert result.noise.flatten(1).any(dim=1).all(), "a target > 0 always draws at least one noise box"
 
 
-def test_batch_of_one_uses_noise_for_paste_boxes() -> None:
-    cfg = CorruptionConfig()
+def test_boxes_follow_the_public_integer_ranges() -> None:
+    rules = CorruptionConfig().rules((32, 40, 64))
+    assert [(r.corner_high, r.side_low, r.side_high) for r in rules] == [(31, 1, 8), (38, 2, 10), (61, 3, 16)]
+    boxes = draw_boxes(64, rules, 0.3, _gen(0), torch.device("cpu"))
+    start, stop = boxes.start[boxes.accepted], boxes.stop[boxes.accepted]
+    for axis, rule in enumerate(rules):
+        assert start[:, axis].min() >= 0 and start[:, axis].max() < rule.corner_high
+        side = stop[:, axis] - start[:, axis]
+        assert side.min() >= 0 and side.max() < rule.side_high and stop[:, axis].max() <= rule.size
+    assert (stop - start == torch.tensor([31, 38, 61]) - start).any(), "no box was clipped at the border"
+
+
+def test_a_pass_adds_boxes_until_their_volumes_pass_the_target() -> None:
+    rules = CorruptionConfig().rules((32, 32, 32))
+    generator = _gen(3)
+    target = torch.rand(256, generator=_gen(3), dtype=torch.float64) * (0.3 * 32**3)  # the first draw of the pass
+    boxes = draw_boxes(256, rules, 0.3, generator, torch.device("cpu"))
+    volume = ((boxes.stop - boxes.start).prod(dim=-1) * boxes.accepted).sum(dim=1).double()
+    last = (boxes.stop - boxes.start).prod(dim=-1).gather(1, boxes.accepted.sum(1, keepdim=True) - 1)[:, 0]
+    assert (volume >= target).all(), "stopped before the target"
+    assert (volume - last < target).all(), "added a box after the target was passed"
+
+
+def test_too_small_crop_names_the_side_and_the_setting() -> None:
+    with pytest.raises(ConfigError, match="crop side of 6 voxels.*max_box_fraction"):
+        CorruptionConfig().rules((32, 6, 32))
+
+
+def test_one_box_of_noise_spans_exactly_zero_to_one() -> None:
+    x = torch.full((1, 2, 32, 32, 32), 10.0)
+    cfg = CorruptionConfig(max_drop_fraction=1e-6, noise_range="unit")  # target < 1 voxel: exactly one box
+    for seed in range(5):
+        result = corrupt(x, _gen(seed), cfg)
+        inside = result.image[result.noise.expand_as(x)]
+        assert inside.min() == 0.0 and inside.max() == 1.0
+        assert not result.pasted.any()
+
+
+def test_crop_range_noise_is_unit_noise_mapped_onto_each_channel_range() -> None:
+    x = _crops()
+    unit = corrupt(x, _gen(4), CorruptionConfig(noise_range="unit"))
+    crop = corrupt(x, _gen(4), CorruptionConfig(noise_range="crop"))
+    assert torch.equal(unit.noise, crop.noise) and torch.equal(unit.pasted, crop.pasted)
+    only_noise = (unit.noise & ~unit.pasted).expand_as(x)
+    low, high = x.amin(dim=(2, 3, 4), keepdim=True), x.amax(dim=(2, 3, 4), keepdim=True)
+    expected = low + unit.image * (high - low)
+    assert torch.allclose(crop.image[only_noise], expected[only_noise], rtol=1e-6, atol=1e-5)
+    assert ((crop.image >= low - 1e-5) & (crop.image <= high + 1e-5))[only_noise].all()
+
+
+def test_paste_copies_the_current_view_of_the_source() -> None:
+    """At B = 2 sample 0 pastes from sample 1 still clean, sample 1 from sample 0 already corrupted."""
+    x = _crops(shape=(2, 2, 32, 32, 32))
+    pasted_some = [False, False]
+    for seed in range(8):
+        result = corrupt(x, _gen(seed))
+        for i, (source, done) in enumerate([(x[1], False), (result.image[0], True)]):
+            region = result.pasted[i].expand_as(x[i])
+            pasted_some[i] |= bool(region.any())
+            assert torch.equal(result.image[i][region], source[region]), f"sample {i} (source corrupted: {done})"
+    assert all(pasted_some)
+
+
+def test_batch_of_one_never_pastes() -> None:
     x = _crops(shape=(1, 2, 32, 32, 32))
-    out, mask = corrupt(x, _gen(0), cfg)
-    region = mask.expand_as(out)
-    assert 0 < mask.float().mean() <= cfg.max_corrupted_fraction
-    assert out[region].min() >= x.min() and out[region].max() <= x.max()
-    assert (out[region] != x[region]).all()
-    views = make_ssl_views(x, _gen(0), cfg)
+    for seed in range(10):
+        result = corrupt(x, _gen(seed))
+        assert result.noise.any() and not result.pasted.any()
+    views = make_ssl_views(x, _gen(0))
     assert views.inputs.shape == (2, 2, 32, 32, 32) and views.rotation_labels.shape == (2,)
 
 
@@ -141,18 +153,17 @@ def test_same_seed_same_views_different_seed_different_views() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "key"),
     [
-        {"max_box_fraction": 0.0},
-        {"max_box_fraction": 1.5},
-        {"max_corrupted_fraction": -0.1},
-        {"max_corrupted_fraction": 1.1},
-        {"noise_boxes": -1},
-        {"paste_boxes": -1},
+        ({"max_box_fraction": 0.05}, "max_box_fraction"),
+        ({"max_box_fraction": 1.5}, "max_box_fraction"),
+        ({"max_drop_fraction": -0.1}, "max_drop_fraction"),
+        ({"max_drop_fraction": 1.1}, "max_drop_fraction"),
+        ({"noise_range": "zscore"}, "noise_range"),
     ],
 )
-def test_corruption_config_rejects_bad_values(kwargs: dict) -> None:
-    with pytest.raises(ConfigError):
+def test_corruption_config_rejects_bad_values(kwargs: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
         CorruptionConfig(**kwargs)
 
 
