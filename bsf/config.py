@@ -145,8 +145,9 @@ class SSLConfig:
     contrastive_weight: float = 1.0
     reconstruction_weight: float = 1.0
     temperature: float = 0.5
-    max_box_fraction: float = 0.25
-    max_corrupted_fraction: float = 0.30
+    max_box_fraction: float = 0.25  # box sides in [int(0.05 n), int(max_box_fraction n)), the public max_block_sz
+    max_drop_fraction: float = 0.30  # a box pass stops when its volumes pass U(0, max_drop_fraction) x voxels (public max_drop)
+    noise_range: Literal["crop", "unit"] = "crop"  # crop: box noise spans the crop's [min, max] per channel; unit: [0, 1]
 
 
 @dataclass
@@ -438,8 +439,8 @@ def validate(config: RunConfig) -> None:
         (all(w >= 0 for w in ssl_weights), "ssl.rotation_weight, contrastive_weight, reconstruction_weight must be >= 0"),
         (config.stage != "ssl" or sum(ssl_weights) > 0, "ssl: at least one of the three loss weights must be > 0"),
         (config.ssl.temperature > 0, "ssl.temperature must be > 0"),
-        (0 < config.ssl.max_box_fraction <= 1, "ssl.max_box_fraction must be in (0, 1]"),
-        (0 <= config.ssl.max_corrupted_fraction <= 1, "ssl.max_corrupted_fraction must be in [0, 1]"),
+        (0.05 < config.ssl.max_box_fraction <= 1, "ssl.max_box_fraction must be in (0.05, 1] (boxes start at 0.05 of a side)"),
+        (0 <= config.ssl.max_drop_fraction <= 1, "ssl.max_drop_fraction must be in [0, 1]"),
         (config.optim.lr > 0, "optim.lr must be > 0"),
         (config.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (0 <= config.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),

@@ -62,7 +62,8 @@ class SSLTask:
         self.config = config
         self.corruption = CorruptionConfig(
             max_box_fraction=config.ssl.max_box_fraction,
-            max_corrupted_fraction=config.ssl.max_corrupted_fraction,
+            max_drop_fraction=config.ssl.max_drop_fraction,
+            noise_range=config.ssl.noise_range,
         )
         self.criterion = SSLLoss(
             rotation_weight=config.ssl.rotation_weight,
