@@ -61,6 +61,7 @@ def main(argv=None) -> int:
 
     from bsf.data.synth import synthesize
     from bsf.engine import Engine, load_config
+    from bsf.config import FederationConfig
     from bsf.fl.jobs import JobSpec, export_job
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bsf_fl_bench_"))
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     if not data.is_dir():
         synthesize("ukb", args.subjects, data, spacing=args.spacing, seed=0)
     R, k = args.rounds, args.local_steps
-    spec = JobSpec(name="bench1", num_rounds=R, local_steps=k, min_clients=1, cross_site_eval=False, validate_global=False, resume=False)
+    spec = JobSpec(name="bench1", federation=FederationConfig(rounds=R, local_steps=k, min_clients=1, cross_site_eval=False, validate_global=False, resume=False))
     job = export_job(spec, work / "jobs")
     overrides = [f"data.root={data}", "data.datalist=null"]
 

@@ -28,13 +28,14 @@ from bsf.fl.deploy.poc import PocDeployment
 from bsf.fl.deploy.processes import kill_under, processes_under
 from bsf.fl.deploy.resume import export_resume_job
 from bsf.fl.deploy.targets import target_sites
+from bsf.config import FederationConfig
 from bsf.fl.jobs import JobSpec, export_job
 
 pytestmark = pytest.mark.slow
 
 SITES = ("site-1", "site-2")
 ENV = {"OMP_NUM_THREADS": "1", "NVFLARE_DEAD_CLIENT_GRACE_PERIOD": "2", "NVFLARE_DEAD_CLIENT_CHECK_LEAD_TIME": "5"}
-TINY = JobSpec(name="fault", num_rounds=2, local_steps=1, cross_site_eval=False, validate_global=False,
+TINY = JobSpec(name="fault", federation=FederationConfig(rounds=2, local_steps=1, cross_site_eval=False, validate_global=False),
                run_overrides=["data.crops_per_volume=1"])
 WAIT_S = 300
 
@@ -79,14 +80,26 @@ def _restart(poc: PocDeployment, name: str) -> None:
     poc.wait_for_sites(SITES)
 
 
+#: site-2's own configuration for the kill tests: a million micro-batches per optimiser step, so once it holds
+#: round 0's task it cannot answer it within the test's life (days at this size): the kill always lands mid-round
+STUCK_SITE = {"overrides": ["optim.accumulate=1000000"]}
+
+
 def _kill_site_mid_round(poc: PocDeployment, spec: JobSpec, tmp_path: Path) -> tuple[str, str]:
-    """Submit ``spec`` (deployed to the named sites); kill site-2 once its engine is ready, before it answers round 0."""
+    """Submit ``spec`` to both sites with site-2 configured never to finish round 0 (:data:`STUCK_SITE`);
+    kill site-2 once the server has sent it round 0's task. Returns the job id and its final status."""
     job = export_job(spec, tmp_path / "jobs")
     target_sites(job, SITES)
-    job_id = poc.submit(job)
-    site_log = poc.kit("site-2") / job_id / "log.txt"
-    _wait_for(lambda: site_log.is_file() and "site site-2: engine ready" in site_log.read_text(), "site-2's engine")
-    assert poc.kill("site-2")  # round 0 was sent to it; it has not answered
+    site_config = poc.kit("site-2") / "local" / "bsf_site.yaml"
+    site_config.write_text(yaml.safe_dump(STUCK_SITE))
+    try:
+        job_id = poc.submit(job)
+        server_log = poc.kit("server") / job_id / "log.txt"
+        sent = "sent task assignment to client. client_name:site-2"
+        _wait_for(lambda: server_log.is_file() and sent in server_log.read_text(), "round 0's task sent to site-2")
+        assert poc.kill("site-2")
+    finally:
+        site_config.unlink()
     return job_id, poc.wait(job_id, timeout=WAIT_S)
 
 
@@ -95,7 +108,7 @@ def test_diverging_site_is_rejected_by_name(poc, tmp_path):
     site_config = poc.kit("site-2") / "local" / "bsf_site.yaml"
     site_config.write_text(yaml.safe_dump({"overrides": ["optim.lr=1.0e+37", "optim.warmup_steps=0"]}))
     try:
-        job_id = poc.submit(export_job(replace(TINY, name="nan", num_rounds=1, local_steps=2, min_clients=1), tmp_path / "jobs"))
+        job_id = poc.submit(export_job(replace(TINY, name="nan").with_federation(rounds=1, local_steps=2, min_clients=1), tmp_path / "jobs"))
         assert poc.wait(job_id, timeout=WAIT_S) == "FINISHED:COMPLETED"
     finally:
         site_config.unlink()
@@ -108,7 +121,7 @@ def test_diverging_site_is_rejected_by_name(poc, tmp_path):
 
 
 def test_site_killed_mid_round_round_completes_with_the_others(poc, tmp_path):
-    job_id, status = _kill_site_mid_round(poc, replace(TINY, name="lost_ok", min_clients=1), tmp_path)
+    job_id, status = _kill_site_mid_round(poc, replace(TINY, name="lost_ok").with_federation(min_clients=1), tmp_path)
     run_dir = poc.download(job_id, tmp_path / "results")
     assert status == "FINISHED:COMPLETED"
     rounds = _rounds(run_dir)
@@ -120,7 +133,7 @@ def test_site_killed_mid_round_round_completes_with_the_others(poc, tmp_path):
 
 
 def test_site_killed_below_min_clients_stops_the_job_with_a_message(poc, tmp_path):
-    job_id, status = _kill_site_mid_round(poc, replace(TINY, name="lost_stop", min_clients=2), tmp_path)
+    job_id, status = _kill_site_mid_round(poc, replace(TINY, name="lost_stop").with_federation(min_clients=2), tmp_path)
     run_dir = poc.download(job_id, tmp_path / "results")
     assert status != "FINISHED:COMPLETED"
     log = (run_dir / "log.txt").read_text()
@@ -130,7 +143,7 @@ def test_site_killed_below_min_clients_stops_the_job_with_a_message(poc, tmp_pat
 
 
 def test_server_killed_mid_job_resumes_from_the_last_global_model(poc, tmp_path):
-    spec = replace(TINY, name="srv", min_clients=2)
+    spec = replace(TINY, name="srv").with_federation(min_clients=2)
     job_id = poc.submit(export_job(spec, tmp_path / "jobs"))
     server_run = poc.kit("server") / job_id
     model, rounds_file = server_run / "app_server" / "FL_global_model.pt", server_run / "bsf_rounds.jsonl"
@@ -148,7 +161,7 @@ def test_server_killed_mid_job_resumes_from_the_last_global_model(poc, tmp_path)
     assert poc.wait(resumed_id, timeout=WAIT_S) == "FINISHED:COMPLETED"
     run_dir = poc.download(resumed_id, tmp_path / "results")
     rounds = _rounds(run_dir)
-    assert [r["round"] for r in rounds] == list(range(start, spec.num_rounds))
+    assert [r["round"] for r in rounds] == list(range(start, spec.federation.rounds))
     assert all(sorted(r["accepted_sites"]) == list(SITES) for r in rounds)
     final = _global(run_dir)
     assert set(final) == set(persisted) and all(np.isfinite(v).all() for v in final.values())

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from bsf.config import FederationConfig
 from bsf.fl.jobs import JobSpec, export_job, simulate
 
 pytestmark = pytest.mark.slow
@@ -87,7 +88,7 @@ def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 # ---------------------------------------------------------------------------- tests
 def test_two_site_stage1_job(tmp_path, site_data):
     """2 sites, 2 rounds x 2 steps, cross-site evaluation; site-2 has no data configured."""
-    job = export_job(JobSpec(name="t2", num_rounds=2, local_steps=2, min_clients=2, run_overrides=FAST), tmp_path / "jobs")
+    job = export_job(JobSpec(name="t2", federation=FederationConfig(rounds=2, local_steps=2, min_clients=2), run_overrides=FAST), tmp_path / "jobs")
     site_map = write_site_map(tmp_path / "sites.yaml", {"site-1": {"data": {"root": str(site_data["site-1"])}}})
     ws = tmp_path / "ws"
     log = run_simulator(job, ws, 2, sim_env(site_map))
@@ -145,7 +146,8 @@ def test_two_site_stage1_job(tmp_path, site_data):
 def test_nan_update_is_rejected(tmp_path, site_data, monkeypatch):
     """site-2 diverges (lr 1e37 -> Inf/NaN weights); the server rejects it, names it, and uses site-1."""
     spec = JobSpec(
-        name="tnan", num_rounds=1, local_steps=2, min_clients=1, cross_site_eval=False, validate_global=False, run_overrides=FAST
+        name="tnan", run_overrides=FAST,
+        federation=FederationConfig(rounds=1, local_steps=2, min_clients=1, cross_site_eval=False, validate_global=False),
     )
     site_map = write_site_map(
         tmp_path / "sites.yaml",
@@ -175,7 +177,7 @@ def test_single_site_federation_equals_centralized(tmp_path, site_data):
     from bsf.train import train
 
     rounds, k = 2, 2
-    job = export_job(JobSpec(name="t1", num_rounds=rounds, local_steps=k, min_clients=1, cross_site_eval=False, run_overrides=FAST), tmp_path / "jobs")
+    job = export_job(JobSpec(name="t1", federation=FederationConfig(rounds=rounds, local_steps=k, min_clients=1, cross_site_eval=False), run_overrides=FAST), tmp_path / "jobs")
     data = [f"data.root={site_data['site-1']}", "data.datalist=null"]
     site_map = write_site_map(tmp_path / "sites.yaml", {"site-1": {"data": {"root": str(site_data["site-1"])}}})
     ws = tmp_path / "ws"
