@@ -17,7 +17,7 @@ from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import make_reply
 
-from bsf.fl.deploy.privacy import AUDIT_FILE, ResultGuard, check_result, model_shapes_from_run_config
+from bsf.fl.deploy.privacy import AUDIT_FILE, ResultGuard, ResultRefused, check_result, model_shapes_from_run_config
 from bsf.fl.jobs import JobSpec, job_run_config
 
 SHAPES = {"swinViT.patch_embed.proj.weight": (12, 2, 2, 2, 2), "swinViT.norm.bias": (12,)}
@@ -30,11 +30,13 @@ def _weights(**extra) -> dict[str, np.ndarray]:
 
 
 def test_model_weights_and_numbers_may_leave():
-    meta = {"NUM_STEPS_CURRENT_ROUND": 4, "num_cases": 10, "initial_metrics": {"train_loss": 1.5, "val_l1": float("nan")}}
-    assert check_result(DataKind.WEIGHT_DIFF, _weights(), meta, {"current_round": 1, "__content_type__": "DXO"}, SHAPES) == []
-    assert check_result(DataKind.METRICS, {"val_dice": 0.5}, {}, {}, SHAPES) == []
-    nan = _weights(**{"swinViT.norm.bias": np.full(12, np.nan, np.float32)})  # the server rejects NaN, not the site
-    assert check_result(DataKind.WEIGHTS, nan, {}, {}, SHAPES) == []
+    meta = {"NUM_STEPS_CURRENT_ROUND": 4, "num_cases": 10, "site_step": 8,
+            "initial_metrics": {"train_loss": 1.5, "val_reconstruction_l1": np.float32(0.25)}}
+    headers = {"current_round": 1, "start_round": 0, "__content_type__": "DXO"}
+    assert check_result(DataKind.WEIGHT_DIFF, _weights(), meta, headers, SHAPES) == []
+    assert check_result(DataKind.METRICS, {"val_dice_mean": 0.5, "val_dice_tc": 0.25}, {}, {}, SHAPES) == []
+    half = {k: v.astype(np.float16) for k, v in _weights().items()}
+    assert check_result(DataKind.WEIGHTS, half, {}, {}, SHAPES) == []
 
 
 @pytest.mark.parametrize(
@@ -42,14 +44,15 @@ def test_model_weights_and_numbers_may_leave():
     [
         (_weights(image=np.zeros((1, 64, 64, 64), np.float32)), {}, "'image' is not a tensor of the job's model"),
         (_weights(**{"swinViT.norm.bias": np.zeros((64, 64, 64), np.float32)}), {}, "has shape (64, 64, 64)"),
-        (_weights(**{"swinViT.norm.bias": np.array(["/data/ukb/1_20252_2_0/T1.nii.gz"] * 12)}), {}, "not a floating type"),
+        (_weights(**{"swinViT.norm.bias": np.array(["/data/ukb/1_20252_2_0/T1.nii.gz"] * 12)}), {}, "not float16/float32/float64"),
         (_weights(**{"swinViT.norm.bias": [0.0] * 12}), {}, "not a NumPy array"),
-        (_weights(**{"/data/x.nii.gz": np.zeros(1, np.float32)}), {}, "not a model parameter name"),
-        (_weights(), {"files": "/data/ukb/1_20252_2_0/T1.nii.gz"}, "meta['files'] is a str"),
-        (_weights(), {"per_case_dice": [0.1, 0.9]}, "meta['per_case_dice'] is a list"),
-        (_weights(), {"labels": np.zeros((8, 8), np.uint8)}, "meta['labels'] is a ndarray"),
-        (_weights(), {"initial_metrics": {"case_ids": "BraTS2021_00000"}}, "meta['initial_metrics']['case_ids'] is a str"),
-        (_weights(), {"client_name": "/data/site-1"}, "meta['client_name'] is a str"),
+        (_weights(**{"swinViT.norm.bias": np.full(12, np.nan, np.float32)}), {}, "holds NaN or Inf"),
+        (_weights(**{"/data/x.nii.gz": np.zeros(1, np.float32)}), {}, "'/data/x.nii.gz' is not a tensor of the job's model"),
+        (_weights(), {"files": "/data/ukb/1_20252_2_0/T1.nii.gz"}, "meta key 'files' is not allowed"),
+        (_weights(), {"per_case_dice": [0.1, 0.9]}, "meta key 'per_case_dice' is not allowed"),
+        (_weights(), {"labels": np.zeros((8, 8), np.uint8)}, "meta key 'labels' is not allowed"),
+        (_weights(), {"initial_metrics": {"case_ids": "BraTS2021_00000"}}, "meta['initial_metrics'] name 'case_ids' is not a metric"),
+        (_weights(), {"client_name": "/data/site-1"}, "meta['client_name'] '/data/site-1' is not an identifier"),
     ],
 )
 def test_anything_else_is_refused(data, meta, expected):
@@ -61,7 +64,7 @@ def test_other_payload_kinds_and_headers_are_refused():
     assert "may not leave" in check_result(DataKind.COLLECTION, {"a": 1}, {}, {}, SHAPES)[0]
     assert check_result(DataKind.METRICS, {"per_case": [0.1, 0.2]}, {}, {}, SHAPES)
     assert check_result(DataKind.WEIGHTS, _weights(), {}, {"blob": np.zeros(3)}, SHAPES)
-    assert check_result(DataKind.WEIGHTS, _weights(), {}, {"note": "x" * 1000}, SHAPES)
+    assert check_result(DataKind.WEIGHTS, _weights(), {}, {"current_round": "x" * 1000}, SHAPES)
     assert "model is unknown" in check_result(DataKind.WEIGHTS, _weights(), {}, {}, None)[0]
 
 
@@ -113,11 +116,11 @@ def test_guard_refuses_data_smuggled_under_any_site_setting(guard_ctx):
     key = next(iter(shapes))
     shareable = DXO(DataKind.WEIGHTS, data={key: np.zeros(shapes[key], np.float32)},
                     meta={"datalist": "/data/brats/datalist.json"}).to_shareable()
-    with pytest.raises(ValueError, match="REFUSED.*datalist"):
+    with pytest.raises(ResultRefused, match="REFUSED.*datalist"):
         ResultGuard().process(shareable, ctx)
     shareable = DXO(DataKind.WEIGHTS, data={key: np.zeros(shapes[key], np.float32)}).to_shareable()
     shareable["extra"] = {"case": "BraTS2021_00000"}
-    with pytest.raises(ValueError, match="outside the DXO"):
+    with pytest.raises(ResultRefused, match="outside the DXO"):
         ResultGuard().process(shareable, ctx)
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [r["allowed"] for r in records] == [False, False]

@@ -1,62 +1,301 @@
 """The last task-result filter at every site: only model weights and numbers leave.
 
-:func:`check_result` is plain Python + NumPy: it inspects what a site is about to send and returns
-every reason it must not leave. :class:`ResultGuard` is the NVFlare filter that the provisioned
-``privacy.json`` puts last in the site's task-result chain (after any differential-privacy filter):
-a result that breaks a rule is not sent (the filter raises; NVFlare then sends an error reply with no
-data and logs the reasons at the site). Rules:
+:func:`check_shareable` (and :func:`check_result` for a DXO's parts) is plain Python + NumPy: it
+inspects what a site is about to send and returns every reason it must not leave. :class:`ResultGuard`
+is the NVFlare filter that the provisioned ``privacy.json`` puts last in the site's task-result chain
+(after any differential-privacy filter): a result that breaks a rule is not sent (the filter raises;
+NVFlare then sends an error reply with no data and logs the reasons at the site).
 
-* the payload is a DXO of weights, weight differences or metrics, nothing else;
-* weights: every key is a key of the job's model (the state dict the job's run config builds) with
-  that key's shape, every value a finite-or-not floating array; nothing that is not a model tensor
-  (so no image, label, per-case output or file name can ride along under any name);
-* metrics and metadata: numbers only (a metrics dict of numbers is allowed), no strings, lists or arrays;
-  the keys NVFlare itself adds are listed in :data:`NVFLARE_META`;
-* headers (NVFlare's routing: task, round, peer) are scalars and short.
+The allow-list (everything else is refused, naming the field):
+
+* **the shareable**: exactly ``__headers__`` and ``DXO``; the DXO exactly ``kind``, ``data``, ``meta``;
+  the kind ``WEIGHTS`` or ``WEIGHT_DIFF`` (a train or submit_model task) or ``METRICS`` (validate);
+* **weights**: each key a tensor of the job's model (the state dict its run config builds) with that
+  key's shape; each value a ``numpy.ndarray`` (no subclass) of float16, float32 or float64 (no int,
+  bool, complex, object, wider float), every value finite (a NaN's payload bits could carry data);
+* **metrics** (the data of ``METRICS``, or meta ``initial_metrics``): names from :data:`SITE_METRICS`
+  only, values Python ``float`` or NumPy floating of at most 64 bits, finite (no int, bool, Fraction,
+  Decimal, complex, string);
+* **meta**: only the keys of :data:`META_RULES`: the site's counts (``NUM_STEPS_CURRENT_ROUND`` and
+  ``num_cases`` non-negative ints up to :data:`MAX_COUNT`, ``site_step`` up to :data:`MAX_SITE_STEP`),
+  NVFlare's ``initial_metrics`` (metrics, above), the names NVFlare's DP filters add
+  (``filter_history``: :data:`DP_FILTERS`; SVT's accounting records of :data:`SVT_FIELDS`), identifiers
+  NVFlare may echo (``job_id``, ``site_name``, ``client_name``, ``task_id``: :data:`IDENTIFIER`),
+  ``validate_type`` (NVFlare's two values);
+* **headers**: only the names of :data:`HEADER_RULES`, the ones NVFlare sets on a task result
+  (``__content_type__`` = ``DXO``, ``start_round``/``current_round``/``num_rounds`` bounded ints,
+  ``_validate_type``, ``__rc__`` = ``OK``, task name/id and audit id as identifiers);
+* an error reply leaves as a fresh reply holding only a known NVFlare return code.
+
+What the list cannot close: the values of the model's own tensors (a site's code could hide bits in
+their low digits) and a handful of metric floats per result. Their capacity is fixed by the model's
+size and :data:`SITE_METRICS`, and nothing else can ride along.
 
 Every result the guard passes or refuses is recorded in ``<site workspace>/<job id>/bsf_privacy_audit.jsonl``
-(tensor names, shapes, dtypes and bytes, metadata keys and values), so a site admin can read what
-left the site.
+(tensor names, shapes, dtypes and bytes, metadata keys and values, header names); any name that is not
+a tensor of the job's model, and any string, is cut to :data:`AUDIT_CHARS` characters, so the record
+never copies what it refused.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import re
 import time
+from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 
+from bsf.errors import BSFError
+from bsf.fl.aggregation import FLOAT_DTYPES, MAX_CLAIM, META_NUM_CASES, META_NUM_STEPS
+
 AUDIT_FILE = "bsf_privacy_audit.jsonl"
-PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 WEIGHT_KINDS = ("WEIGHTS", "WEIGHT_DIFF")
 METRICS_KIND = "METRICS"
-#: metadata keys whose value may be a flat mapping of numbers (NVFlare puts a result's metrics there)
-METRIC_MAPS = ("initial_metrics",)
-#: metadata NVFlare adds on its own; values must still be numbers (or, here, short identifiers)
-NVFLARE_META = {"client_name", "params_type", "processed_algorithm", "job_id", "task_id"}
-MAX_HEADER_CHARS = 256
+SHAREABLE_FIELDS = frozenset({"__headers__", "DXO"})
+DXO_FIELDS = frozenset({"kind", "data", "meta"})
+#: tensor dtypes that may leave: real floating point of 16, 32 or 64 bits (what the server accepts)
+WEIGHT_DTYPES = FLOAT_DTYPES
+
+#: BraTS regions in the names :meth:`bsf.engine.segmentation.SegmentationTask.dice` gives them
+#: (``bsf.metrics.BRATS_REGIONS`` lower-cased; a test checks they agree)
+BRATS_REGION_NAMES = ("tc", "wt", "et")
+#: :meth:`bsf.fl.trainer.SiteTrainer.train` adds the mean training loss of the round
+TRAIN_METRICS = ("train_loss",)
+#: :meth:`bsf.engine.tasks.SSLTask.validate` (Stage 1 and 2)
+SSL_METRICS = ("val_loss", "val_rotation", "val_reconstruction_l1", "val_contrastive")
+#: :meth:`bsf.engine.segmentation.SegmentationTask.validate` (Stage 3, BraTS regions or the ATLAS lesion)
+SEGMENTATION_METRICS = (*(f"val_dice_{r}" for r in BRATS_REGION_NAMES), "val_dice_lesion", "val_dice_mean")
+#: every metric name a site's result may carry
+SITE_METRICS = frozenset((*TRAIN_METRICS, *SSL_METRICS, *SEGMENTATION_METRICS))
+
+#: bound of a per-round count (steps of one round, training cases of one site): the server's bound of a claim
+MAX_COUNT = MAX_CLAIM
+#: bound of the site's total step count and of round numbers
+MAX_SITE_STEP = 1_000_000_000
+#: a name NVFlare or the project gives: short, letters, digits, ``.``, ``_``, ``-``; no separators, no spaces
+IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: NVFlare's differential-privacy filters (the names ``filter_history`` may hold)
+DP_FILTERS = frozenset({"PercentilePrivacy", "SVTPrivacy"})
+#: the fields of NVFlare's SVT accounting records (meta ``svt_privacy_budget`` / ``svt_privacy_accountant``)
+SVT_FIELDS = frozenset({
+    "accountant", "scope", "delta", "round", "latest_round", "epsilon_total", "epsilon_threshold",
+    "epsilon_query", "epsilon_release", "n_upload", "acceptance_passes", "has_scalar_passthrough", "calls", "note",
+})
+#: the only strings NVFlare 2.9's SVT filter writes into those records
+SVT_TEXTS = frozenset({
+    "pure_dp_sum", "filter-level",
+    "scalar passthrough is not noise-protected by the SVT accountant.",
+    "scalar passthrough is not included in the SVT accountant guarantee.",
+})
+VALIDATE_TYPES = frozenset({"before_train_validate", "model_validate"})
+#: NVFlare's return codes (``nvflare.apis.fl_constant.ReturnCode``): all an error reply may hold
+RETURN_CODES = frozenset({
+    "OK", "BAD_PEER_CONTEXT", "BAD_REQUEST_DATA", "BAD_TASK_DATA", "COMMUNICATION_ERROR", "TIMEOUT", "ERROR",
+    "EXECUTION_EXCEPTION", "EXECUTION_RESULT_ERROR", "HANDLER_EXCEPTION", "MISSING_PEER_CONTEXT", "RUN_MISMATCH",
+    "TASK_ABORTED", "TASK_DATA_FILTER_ERROR", "TASK_RESULT_FILTER_ERROR", "TASK_UNKNOWN", "TASK_UNSUPPORTED",
+    "TOPIC_UNKNOWN", "MODEL_UNRECOGNIZED", "VALIDATE_TYPE_UNKNOWN", "EMPTY_RESULT", "UNSAFE_JOB",
+    "EARLY_TERMINATION", "SERVER_NOT_READY", "SERVICE_UNAVAILABLE",
+})
+#: names and strings in messages and the audit record are cut to this many characters
+AUDIT_CHARS = 48
+#: most problems one refusal lists in its message and audit record
+MAX_PROBLEMS = 20
+
+Rule = Callable[[Any, str], list]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (numbers.Number, np.number)) and not isinstance(value, complex)
+class ResultRefused(BSFError, ValueError):
+    """A site's task result holds something the guard does not let leave; the message names each field."""
 
 
-def _kind_name(kind: Any) -> str:
-    return str(getattr(kind, "value", kind))
+# ------------------------------------------------------------------ naming without copying
+def _name(value: Any) -> str:
+    """A key or string as it may appear in a message: quoted, cut to :data:`AUDIT_CHARS` characters."""
+    if not isinstance(value, str):
+        return f"<{type(value).__name__}>"
+    if len(value) > AUDIT_CHARS:
+        return repr(value[:AUDIT_CHARS]) + f"...({len(value)} chars)"
+    return repr(value)
 
 
-def _check_numbers(mapping: Any, where: str) -> list[str]:
+def _type(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{type(value).__name__} {value.dtype} {tuple(value.shape)}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"int of {value.bit_length()} bits"
+    return type(value).__name__
+
+
+def _kind_name(kind: Any) -> str | None:
+    """The kind as a string when it is a plain ``str`` or a string enum member (NVFlare's ``DataKind``)."""
+    if type(kind) is str or (isinstance(kind, str) and isinstance(kind, Enum)):
+        return str(getattr(kind, "value", kind))
+    return None
+
+
+# ------------------------------------------------------------------ value rules
+def _is_float(value: Any) -> bool:
+    """A Python float or a NumPy floating scalar of at most 64 bits (no subclass, no wider float)."""
+    return type(value) is float or (isinstance(value, np.floating) and value.dtype in WEIGHT_DTYPES)
+
+
+def _is_int(value: Any) -> bool:
+    """A Python int or NumPy integer scalar, not a bool."""
+    return type(value) is int or isinstance(value, np.integer)
+
+
+def _metric_value(value: Any, where: str) -> list[str]:
+    if not _is_float(value):
+        return [f"{where} is a {_type(value)}, not a float of at most 64 bits"]
+    if not math.isfinite(float(value)):
+        return [f"{where} is not finite"]
+    return []
+
+
+def _metrics(mapping: Any, where: str) -> list[str]:
+    """A mapping of :data:`SITE_METRICS` names to finite floats."""
     if not isinstance(mapping, Mapping):
-        return [f"{where} is a {type(mapping).__name__}, not a mapping of numbers"]
-    return [f"{where}[{k!r}] is a {type(v).__name__}, not a number" for k, v in mapping.items() if not _is_number(v)]
+        return [f"{where} is a {_type(mapping)}, not a mapping of metrics"]
+    problems = []
+    for key, value in mapping.items():
+        if key not in SITE_METRICS:
+            problems.append(f"{where} name {_name(key)} is not a metric a site sends")
+        else:
+            problems.extend(_metric_value(value, f"{where}[{key!r}]"))
+    return problems
 
 
+def _count(bound: int) -> Rule:
+    def rule(value: Any, where: str) -> list[str]:
+        if not _is_int(value):
+            return [f"{where} is a {_type(value)}, not an int"]
+        if not 0 <= value <= bound:
+            return [f"{where} is outside [0, {bound}]"]
+        return []
+
+    return rule
+
+
+def _identifier(value: Any, where: str) -> list[str]:
+    if type(value) is not str:
+        return [f"{where} is a {_type(value)}, not an identifier"]
+    if not IDENTIFIER.match(value):
+        return [f"{where} {_name(value)} is not an identifier (1-64 of A-Z a-z 0-9 . _ -)"]
+    return []
+
+
+def _one_of(choices: frozenset[str]) -> Rule:
+    def rule(value: Any, where: str) -> list[str]:
+        if type(value) is not str or value not in choices:
+            return [f"{where} {_name(value) if isinstance(value, str) else _type(value)} is not one of {sorted(choices)}"]
+        return []
+
+    return rule
+
+
+def _filter_history(value: Any, where: str) -> list[str]:
+    if type(value) is not list or len(value) > len(DP_FILTERS):
+        return [f"{where} is a {_type(value)}, not a short list of filter names"]
+    return [f"{where} holds {_name(v) if isinstance(v, str) else _type(v)}, not one of {sorted(DP_FILTERS)}"
+            for v in value if type(v) is not str or v not in DP_FILTERS]
+
+
+def _svt_record(value: Any, where: str) -> list[str]:
+    """NVFlare's SVT accounting record: its fields only; numbers, bools, ``None`` or its own fixed texts."""
+    if not isinstance(value, Mapping):
+        return [f"{where} is a {_type(value)}, not an SVT accounting record"]
+    problems = []
+    for key, item in value.items():
+        at = f"{where}[{_name(key)}]"
+        if key not in SVT_FIELDS:
+            problems.append(f"{at} is not a field of NVFlare's SVT record")
+        elif type(item) is str:
+            problems.extend([] if item in SVT_TEXTS else [f"{at} {_name(item)} is not one of NVFlare's SVT texts"])
+        elif not (item is None or type(item) is bool or _is_float(item) or (_is_int(item) and abs(item) <= MAX_SITE_STEP)):
+            problems.append(f"{at} is a {_type(item)}, not a bounded number")
+    return problems
+
+
+#: meta key -> rule (the project's counts, NVFlare's additions)
+META_RULES: dict[str, Rule] = {
+    META_NUM_STEPS: _count(MAX_COUNT),
+    META_NUM_CASES: _count(MAX_COUNT),
+    "site_step": _count(MAX_SITE_STEP),
+    "initial_metrics": _metrics,
+    "filter_history": _filter_history,
+    "svt_privacy_budget": _svt_record,
+    "svt_privacy_accountant": _svt_record,
+    "job_id": _identifier,
+    "site_name": _identifier,
+    "client_name": _identifier,
+    "task_id": _identifier,
+    "validate_type": _one_of(VALIDATE_TYPES),
+}
+#: header name -> rule (what NVFlare sets on a task result)
+HEADER_RULES: dict[str, Rule] = {
+    "__content_type__": _one_of(frozenset({"DXO"})),
+    "start_round": _count(MAX_SITE_STEP),
+    "current_round": _count(MAX_SITE_STEP),
+    "num_rounds": _count(MAX_SITE_STEP),
+    "_validate_type": _one_of(VALIDATE_TYPES),
+    "__rc__": _one_of(frozenset({"OK"})),
+    "__task_name__": _identifier,
+    "__task_id__": _identifier,
+    "__audit_event_id__": _identifier,
+}
+
+
+def _keyed(mapping: Any, rules: Mapping[str, Rule], what: str) -> list[str]:
+    """Every key of ``mapping`` must have a rule, and its value must pass it."""
+    if mapping is None:
+        return []
+    if not isinstance(mapping, Mapping):
+        return [f"{what} is a {_type(mapping)}, not a mapping"]
+    problems = []
+    for key, value in mapping.items():
+        rule = rules.get(key) if type(key) is str else None
+        if rule is None:
+            problems.append(f"{what} key {_name(key)} is not allowed (allowed: {sorted(rules)})")
+        else:
+            problems.extend(rule(value, f"{what}[{key!r}]"))
+    return problems
+
+
+# ------------------------------------------------------------------ weights
+def _tensor(key: str, value: Any, shape: tuple[int, ...]) -> list[str]:
+    """Problems of one model tensor: a plain ndarray of an allowed dtype with the model's shape, finite."""
+    where = f"tensor {key!r}"
+    if type(value) is not np.ndarray:
+        return [f"{where} is a {_type(value)}, not a NumPy array"]
+    if value.dtype not in WEIGHT_DTYPES:
+        return [f"{where} has dtype {value.dtype}, not float16/float32/float64"]
+    if tuple(value.shape) != tuple(shape):
+        return [f"{where} has shape {tuple(value.shape)}, the model's is {tuple(shape)}"]
+    if not np.isfinite(value).all():
+        return [f"{where} holds NaN or Inf"]
+    return []
+
+
+def _weights(kind: str, data: Any, model_shapes: Mapping[str, tuple[int, ...]] | None) -> list[str]:
+    if model_shapes is None:
+        return ["weights were sent but the job's model is unknown to the guard"]
+    if not isinstance(data, Mapping) or not data:
+        return [f"the {kind} data is not a non-empty mapping of tensors"]
+    problems = []
+    for key, value in data.items():
+        if type(key) is not str or key not in model_shapes:
+            problems.append(f"tensor name {_name(key)} is not a tensor of the job's model")
+        else:
+            problems.extend(_tensor(key, value, model_shapes[key]))
+    return problems
+
+
+# ------------------------------------------------------------------ the whole result
 def check_result(
     dxo_kind: Any, data: Any, meta: Mapping[str, Any] | None, headers: Mapping[str, Any] | None,
     model_shapes: Mapping[str, tuple[int, ...]] | None,
@@ -65,78 +304,86 @@ def check_result(
 
     Args:
         dxo_kind: the DXO's data kind (``WEIGHTS``, ``WEIGHT_DIFF`` or ``METRICS``).
-        data: the DXO's data.
+        data: the DXO's data: tensor name -> array of the model's shape, or metric name -> float.
         meta: the DXO's metadata.
         headers: the shareable's headers.
         model_shapes: key -> shape of the job's model (``None``: weights cannot be checked, refuse them).
     """
     kind = _kind_name(dxo_kind)
-    problems: list[str] = []
+    if kind not in (*WEIGHT_KINDS, METRICS_KIND):
+        shown = _name(kind) if kind is not None else _type(dxo_kind)
+        return [f"DXO kind {shown} may not leave the site (only WEIGHTS, WEIGHT_DIFF, METRICS)"]
     if kind in WEIGHT_KINDS:
-        if model_shapes is None:
-            return ["weights were sent but the job's model is unknown to the guard"]
-        if not isinstance(data, Mapping) or not data:
-            return [f"{kind} payload is not a non-empty mapping of tensors"]
-        for key, value in data.items():
-            if not isinstance(key, str) or not PARAM_NAME.match(key):
-                problems.append(f"tensor name {key!r} is not a model parameter name")
-            elif key not in model_shapes:
-                problems.append(f"{key!r} is not a tensor of the job's model")
-            arr = value if isinstance(value, np.ndarray) else None
-            if arr is None:
-                problems.append(f"{key!r} is a {type(value).__name__}, not a NumPy array")
-                continue
-            if not np.issubdtype(arr.dtype, np.floating):
-                problems.append(f"{key!r} has dtype {arr.dtype}, not a floating type")
-            if key in model_shapes and tuple(arr.shape) != tuple(model_shapes[key]):
-                problems.append(f"{key!r} has shape {tuple(arr.shape)}, the model's is {tuple(model_shapes[key])}")
-    elif kind == METRICS_KIND:
-        problems.extend(_check_numbers(data, "metrics"))
+        problems = _weights(kind, data, model_shapes)
     else:
-        return [f"data kind {kind} may not leave the site (only weights, weight differences, metrics)"]
-    for key, value in (meta or {}).items():
-        if key in METRIC_MAPS:
-            problems.extend(_check_numbers(value, f"meta[{key!r}]"))
-        elif key in NVFLARE_META and isinstance(value, str) and len(value) <= MAX_HEADER_CHARS and "/" not in value:
-            continue
-        elif not (_is_number(value) or value is None):
-            problems.append(f"meta[{key!r}] is a {type(value).__name__}, not a number")
-    for key, value in (headers or {}).items():
-        if isinstance(value, str) and len(value) > MAX_HEADER_CHARS:
-            problems.append(f"header {key!r} holds {len(value)} characters")
-        elif not (value is None or isinstance(value, (str, bool)) or _is_number(value)):
-            problems.append(f"header {key!r} is a {type(value).__name__}, not a scalar")
+        problems = _metrics(data, "metrics")
+    problems.extend(_keyed(meta, META_RULES, "meta"))
+    problems.extend(_keyed(headers, HEADER_RULES, "header"))
     return problems
 
 
-def describe_result(dxo_kind: Any, data: Any, meta: Mapping[str, Any] | None, headers: Mapping[str, Any] | None) -> dict:
-    """What a result holds, for the audit log: tensor names/shapes/dtypes/bytes, metadata, header names."""
+def check_shareable(shareable: Mapping[str, Any], model_shapes: Mapping[str, tuple[int, ...]] | None) -> list[str]:
+    """Reasons a whole task result (an NVFlare ``Shareable``, a dict) must not leave (empty: it may)."""
+    problems = []
+    extra = [_name(k) for k in shareable if k not in SHAREABLE_FIELDS]
+    if extra:
+        problems.append(f"the result carries fields outside the DXO: {', '.join(sorted(extra))}")
+    dxo = shareable.get("DXO")
+    if not isinstance(dxo, Mapping):
+        return [*problems, f"the result's DXO is a {_type(dxo)}, not a DXO"]
+    extra = [_name(k) for k in dxo if k not in DXO_FIELDS]
+    if extra:
+        problems.append(f"the DXO carries fields other than kind, data, meta: {', '.join(sorted(extra))}")
+    problems.extend(check_result(dxo.get("kind"), dxo.get("data"), dxo.get("meta"), shareable.get("__headers__"), model_shapes))
+    return problems
+
+
+# ------------------------------------------------------------------ the audit record
+def _plain(value: Any, depth: int = 0) -> Any:
+    """A JSON value that says what ``value`` is without copying more than a few characters of it."""
+    if value is None or type(value) is bool:
+        return value
+    if _is_float(value):
+        return float(value) if math.isfinite(float(value)) else None
+    if _is_int(value) and abs(int(value)) <= MAX_SITE_STEP:
+        return int(value)
+    if type(value) is str:
+        return value if len(value) <= AUDIT_CHARS else value[:AUDIT_CHARS] + f"...({len(value)} chars)"
+    if isinstance(value, Mapping) and depth < 2:
+        return {_plain_key(k): _plain(v, depth + 1) for k, v in list(value.items())[:MAX_PROBLEMS]}
+    if type(value) in (list, tuple) and depth < 2:
+        return [_plain(v, depth + 1) for v in value[:8]]
+    return f"<{_type(value)}>"
+
+
+def _plain_key(key: Any) -> str:
+    return _plain(key) if type(key) is str else f"<{type(key).__name__}>"
+
+
+def describe_result(
+    dxo_kind: Any, data: Any, meta: Mapping[str, Any] | None, headers: Mapping[str, Any] | None,
+    model_keys: Collection[str] = (),
+) -> dict:
+    """What a result holds, for the audit log: tensor names/shapes/dtypes/bytes, metadata, header names.
+
+    Names of the job's model tensors (``model_keys``) are written in full; every other name or string
+    is cut to :data:`AUDIT_CHARS` characters.
+    """
     tensors = {}
-    numbers_ = {}
-    if isinstance(data, Mapping):
-        for key, value in data.items():
-            if isinstance(value, np.ndarray):
-                tensors[str(key)] = {"shape": list(value.shape), "dtype": str(value.dtype), "bytes": int(value.nbytes)}
-            else:
-                numbers_[str(key)] = value if _is_number(value) else f"<{type(value).__name__}>"
-
-    def _plain(value: Any) -> Any:
-        if _is_number(value):
-            value = float(value) if isinstance(value, (float, np.floating)) else value
-            return None if isinstance(value, float) and not math.isfinite(value) else (value.item() if hasattr(value, "item") else value)
-        if isinstance(value, Mapping):
-            return {str(k): _plain(v) for k, v in value.items()}
-        if value is None or isinstance(value, (str, bool)):
-            return value
-        return f"<{type(value).__name__}>"
-
+    values = {}
+    for key, value in (data.items() if isinstance(data, Mapping) else []):
+        name = key if type(key) is str and key in model_keys else _plain_key(key)
+        if isinstance(value, np.ndarray):
+            tensors[name] = {"shape": list(value.shape), "dtype": str(value.dtype), "bytes": int(value.nbytes)}
+        else:
+            values[name] = _plain(value)
     return {
-        "kind": _kind_name(dxo_kind),
+        "kind": _plain(_kind_name(dxo_kind) or dxo_kind),
         "tensors": tensors,
         "bytes": int(sum(t["bytes"] for t in tensors.values())),
-        "data_values": {k: _plain(v) for k, v in numbers_.items()},
-        "meta": {str(k): _plain(v) for k, v in (meta or {}).items()},
-        "headers": sorted(str(k) for k in (headers or {})),
+        "data_values": values,
+        "meta": _plain(meta if meta is not None else {}),
+        "headers": sorted(_plain_key(k) for k in (headers if isinstance(headers, Mapping) else {})),
     }
 
 
@@ -187,35 +434,34 @@ class ResultGuard(Filter):  # type: ignore[misc,valid-type]
         with open(path, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
-    def process(self, shareable, fl_ctx):
-        from nvflare.apis.dxo import from_shareable
-        from nvflare.apis.fl_constant import ReturnCode
+    def _error_reply(self, fl_ctx, rc: Any, record: dict):
+        """An error reply leaves as a fresh reply with a known return code and nothing else."""
         from nvflare.apis.shareable import make_reply
 
+        safe = rc if type(rc) is str and rc in RETURN_CODES else "EXECUTION_EXCEPTION"
+        record.update(kind="reply", return_code=safe, allowed=True)
+        if safe != rc:
+            record["problems"] = [f"return code {_name(rc) if isinstance(rc, str) else _type(rc)} is not NVFlare's; sent {safe}"]
+        self._audit(fl_ctx, record)
+        return make_reply(safe)
+
+    def process(self, shareable, fl_ctx):
         site = fl_ctx.get_identity_name()
         task = fl_ctx.get_prop("__task_name__") or ""
         record: dict[str, Any] = {"time": round(time.time(), 3), "site": site, "task": task}
         rc = shareable.get_return_code()
-        if rc != ReturnCode.OK:
-            record.update(kind="reply", return_code=str(rc), allowed=True)
-            self._audit(fl_ctx, record)
-            return make_reply(rc)  # an error reply carries no data
-        extra = sorted(set(shareable) - {"__headers__", "DXO"})
-        try:
-            dxo = from_shareable(shareable)
-        except Exception as exc:
-            problems = [f"the result is not a DXO ({exc})"]
-            dxo = None
-        headers = shareable.get("__headers__") or {}
-        if dxo is not None:
-            problems = check_result(dxo.data_kind, dxo.data, dxo.meta, headers, self._model_shapes(fl_ctx))
-            record.update(describe_result(dxo.data_kind, dxo.data, dxo.meta, headers))
-        if extra:
-            problems.append(f"the result carries fields outside the DXO: {extra}")
-        record.update(allowed=not problems, problems=problems)
+        if rc != "OK":
+            return self._error_reply(fl_ctx, rc, record)
+        shapes = self._model_shapes(fl_ctx)
+        problems = check_shareable(shareable, shapes)
+        dxo = shareable.get("DXO")
+        if isinstance(dxo, Mapping):
+            record.update(describe_result(dxo.get("kind"), dxo.get("data"), dxo.get("meta"), shareable.get("__headers__"),
+                                          model_keys=shapes or ()))
+        record.update(allowed=not problems, problems=problems[:MAX_PROBLEMS], problem_count=len(problems))
         self._audit(fl_ctx, record)
         if problems:
             message = f"site {site}: REFUSED to send the {task or 'task'} result: " + "; ".join(problems[:10])
             self.log_error(fl_ctx, message)
-            raise ValueError(message)
+            raise ResultRefused(message)
         return shareable
