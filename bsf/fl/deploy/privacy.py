@@ -93,14 +93,6 @@ SVT_TEXTS = frozenset({
     "scalar passthrough is not included in the SVT accountant guarantee.",
 })
 VALIDATE_TYPES = frozenset({"before_train_validate", "model_validate"})
-#: NVFlare's return codes (``nvflare.apis.fl_constant.ReturnCode``): all an error reply may hold
-RETURN_CODES = frozenset({
-    "OK", "BAD_PEER_CONTEXT", "BAD_REQUEST_DATA", "BAD_TASK_DATA", "COMMUNICATION_ERROR", "TIMEOUT", "ERROR",
-    "EXECUTION_EXCEPTION", "EXECUTION_RESULT_ERROR", "HANDLER_EXCEPTION", "MISSING_PEER_CONTEXT", "RUN_MISMATCH",
-    "TASK_ABORTED", "TASK_DATA_FILTER_ERROR", "TASK_RESULT_FILTER_ERROR", "TASK_UNKNOWN", "TASK_UNSUPPORTED",
-    "TOPIC_UNKNOWN", "MODEL_UNRECOGNIZED", "VALIDATE_TYPE_UNKNOWN", "EMPTY_RESULT", "UNSAFE_JOB",
-    "EARLY_TERMINATION", "SERVER_NOT_READY", "SERVICE_UNAVAILABLE",
-})
 #: names and strings in messages and the audit record are cut to this many characters
 AUDIT_CHARS = 48
 #: most problems one refusal lists in its message and audit record
@@ -436,9 +428,11 @@ class ResultGuard(Filter):  # type: ignore[misc,valid-type]
 
     def _error_reply(self, fl_ctx, rc: Any, record: dict):
         """An error reply leaves as a fresh reply with a known return code and nothing else."""
+        from nvflare.apis.fl_constant import ReturnCode
         from nvflare.apis.shareable import make_reply
 
-        safe = rc if type(rc) is str and rc in RETURN_CODES else "EXECUTION_EXCEPTION"
+        codes = {v for k, v in vars(ReturnCode).items() if k.isupper()}
+        safe = rc if type(rc) is str and rc in codes else ReturnCode.EXECUTION_EXCEPTION
         record.update(kind="reply", return_code=safe, allowed=True)
         if safe != rc:
             record["problems"] = [f"return code {_name(rc) if isinstance(rc, str) else _type(rc)} is not NVFlare's; sent {safe}"]
