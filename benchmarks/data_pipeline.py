@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bsf.config import load_config  # noqa: E402
 from bsf.data.index import index_dataset  # noqa: E402
-from bsf.data.pipeline import SampleStream, StepSampler, load_cases, train_loader  # noqa: E402
+from bsf.data.pipeline import SampleStream, StepSampler, train_loader, training_split  # noqa: E402
 from bsf.data.synth import synthesize  # noqa: E402
 from bsf.data.transforms import random_transforms  # noqa: E402
 from monai.data import PersistentDataset  # noqa: E402
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
             "data.check=header",
             "data.val_cases=0",
         ]
-        cases = load_cases(load_config(None, base).data, seed=0).train
+        cases = training_split(load_config(None, base).data, seed=0).train
         results = []
         for workers in args.workers:
             for mode in args.modes:

@@ -331,6 +331,8 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {source}: not valid YAML ({exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {source}: not a text (UTF-8) file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {source}: top level must be a mapping")
     return data

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bsf.data.cases import fold_split, list_cases
 from bsf.data.check import case_files
-from bsf.data.index import MODALITIES, absolute, case_id, read_datalist, select_modalities
-from bsf.data.pipeline import fold_split
+from bsf.data.index import case_id
 from bsf.errors import DataError, OutputError
 from bsf.io import atomic_path, atomic_write_json
 from bsf.metrics import BRATS_REGIONS, brats_dice, brats_hd95, brats_regions, lesion_metrics
@@ -62,35 +62,24 @@ class Evaluation:
 
 
 def _cases(finetuned: FinetunedModel, datalist: str | os.PathLike, split: str, root: str | None) -> tuple[list[dict], Path]:
+    """The ``split`` cases of ``datalist`` (:func:`bsf.data.cases.list_cases`, the model's ``data.modalities``), each
+    with a label, and the datalist's path. ``validation``: the datalist's list, else the model's fold ``data.fold``.
+    A case in both lists is scored (with a warning): ``--split training`` and ``all`` score training cases too."""
     if split not in SPLITS:
         raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
-    listing = read_datalist(datalist, root)
-    config = finetuned.config
-    dataset = config.data.dataset
-    if listing.dataset and listing.dataset != dataset:
-        raise DataError(f"datalist {listing.path}: holds {listing.dataset} cases, the model is a {dataset} model")
-    where = f"datalist {listing.path}"
-    if split == "all":
-        cases = listing.all_cases
-    elif listing.validation is not None:
-        cases = listing.validation if split == "validation" else listing.training
-    elif config.data.fold is not None:
-        training, validation = fold_split(listing.training, config.data.fold, where)
-        cases = validation if split == "validation" else training
-    elif split == "validation":
-        raise DataError(f"{where}: has no 'validation' list (BraTS: index with --fold K, or pass data.fold=K); or use --split training")
-    else:
-        cases = listing.training
+    data = finetuned.config.data
+    listed = list_cases(data.dataset, datalist=datalist, root=root, modalities=data.modalities, allow_shared=True)
+    if split != "all" and listed.validation is None and data.fold is not None:
+        listed.training, listed.validation = fold_split(listed.training, data.fold, listed.source)
+    if split == "validation" and listed.validation is None:
+        raise DataError(f"{listed.source}: has no 'validation' list (BraTS: index with --fold K, or pass data.fold=K); or use --split training")
+    cases = {"all": listed.all_cases, "training": listed.training, "validation": listed.validation}[split]
     if not cases:
-        raise DataError(f"{where}: no {split} cases")
-    cases = [absolute(c, listing.base) for c in cases]
-    if config.data.modalities:
-        available = listing.content.get("modalities") or MODALITIES[dataset]
-        cases = [select_modalities(c, config.data.modalities, available, where) for c in cases]
+        raise DataError(f"{listed.source}: no {split} cases")
     for case in cases:
         if not case.get("label"):
-            raise DataError(f"{where}: case {case_id(case)} has no 'label' to evaluate against")
-    return cases, listing.path
+            raise DataError(f"{listed.source}: case {case_id(case)} has no 'label' to evaluate against")
+    return cases, listed.datalist
 
 
 def _truth(path: Path, shape: tuple[int, ...]) -> np.ndarray:
@@ -272,7 +261,7 @@ def predict_validation_case(run_config: str | Path, data_root: str | Path, globa
     Returns ``image`` (C, X, Y, Z), ``truth`` and ``prediction`` (K, X, Y, Z) booleans, ``dice`` per region,
     ``regions`` names and the ``dataset``.
     """
-    from bsf.data.pipeline import load_cases
+    from bsf.data.pipeline import training_split
     from bsf.engine import load_config
     from bsf.engine.tasks import build_task
     from bsf.inference import build_network
@@ -284,7 +273,7 @@ def predict_validation_case(run_config: str | Path, data_root: str | Path, globa
     log.info("overlay model: %s", report.summary().splitlines()[0])
     model.eval()
     task = build_task(config)
-    split = load_cases(config.data, config.seed)
+    split = training_split(config.data, config.seed)
     if not split.val:
         raise ValueError(f"{data_root}: no validation case")
     item = task.validation_items(split.val[:1])[0]

@@ -19,7 +19,7 @@ from bsf.config import load_config
 from bsf.data import check as check_module
 from bsf.data.check import check_cases, expected_labels
 from bsf.data.index import index_dataset, read_datalist
-from bsf.data.pipeline import SampleStream, load_cases
+from bsf.data.pipeline import SampleStream, training_split
 from bsf.data.synth import synthesize
 from bsf.data.transforms import random_transforms
 
@@ -148,7 +148,7 @@ def test_memo_skips_verified_files_and_rereads_changed_ones(brats_copy, tmp_path
 
 def test_checked_load_is_a_monai_transform_so_the_memory_cache_holds_volumes(sets) -> None:
     cfg = load_config(None, ["data.dataset=ukb", f"data.datalist={sets['ukb'][1]}", "data.roi=[64, 64, 64]"]).data
-    split = load_cases(cfg, seed=0)
+    split = training_split(cfg, seed=0)
     stream = SampleStream(split.train, cfg, 0, _crops(cfg))
     cached = stream.volumes._cache[0]
     assert isinstance(cached, dict) and isinstance(cached["image"], torch.Tensor) and cached["image"].shape[0] == 2
@@ -158,7 +158,7 @@ def test_persistent_cache_matches_uncached_crops(sets, tmp_path: Path) -> None:
     base = ["data.dataset=brats", f"data.datalist={sets['brats'][1]}", "data.roi=[64, 64, 64]"]
     persistent = load_config(None, [*base, "data.cache=persistent", f"data.cache_dir={tmp_path / 'cache'}"]).data
     plain = load_config(None, [*base, "data.cache=none"]).data
-    split = load_cases(persistent, seed=0)
+    split = training_split(persistent, seed=0)
     cold = [SampleStream(split.train, persistent, 1, _crops(persistent))[i] for i in range(2)]
     assert len(list((tmp_path / "cache").glob("*.pt"))) == len(split.train)
     warm = [SampleStream(split.train, persistent, 1, _crops(persistent))[i] for i in range(2)]

@@ -17,7 +17,7 @@ from bsf.cli import main
 from bsf.config import load_config
 from bsf.data.folds import compact_table, load_folds
 from bsf.data.index import index_dataset, read_datalist
-from bsf.data.pipeline import load_cases
+from bsf.data.pipeline import training_split
 from bsf.data.synth import synthesize
 from bsf.errors import DataError
 
@@ -118,13 +118,13 @@ def test_training_selects_a_fold_and_maps_modalities(roots, tmp_path: Path) -> N
     full = json.loads(out.read_text())["training"]
     fold = full[0]["fold"]
     cfg = _data_cfg("data.dataset=brats", f"data.datalist={out}", f"data.fold={fold}", "data.modalities=[t1, flair]")
-    split = load_cases(cfg, seed=0)
+    split = training_split(cfg, seed=0)
     assert {c["id"] for c in split.val} == {c["id"] for c in full if c["fold"] == fold}
     case = split.train[0]
     assert len(case["image"]) == 2 and case["image"][0].endswith("_t1.nii.gz") and case["image"][1].endswith("_flair.nii.gz")
     assert Path(case["image"][0]).is_absolute()  # resolved through the datalist's "root"
     with pytest.raises(DataError, match="t1w"):
-        load_cases(_data_cfg("data.dataset=brats", f"data.datalist={out}", "data.modalities=[t1w]", "model.in_channels=1"), seed=0)
+        training_split(_data_cfg("data.dataset=brats", f"data.datalist={out}", "data.modalities=[t1w]", "model.in_channels=1"), seed=0)
 
 
 # ---------------------------------------------------------------------------------------------- ATLAS
@@ -152,7 +152,7 @@ def test_datalist_is_monai_readable_and_folder_mode_works_for_all(roots, tmp_pat
     assert len(training) == 4 and Path(training[0]["image"]).is_file()
     assert read_datalist(out).base == roots["atlas"].resolve()
     for dataset in ("brats", "atlas"):
-        split = load_cases(_data_cfg(f"data.dataset={dataset}", f"data.root={roots[dataset]}", "data.check=header"), seed=0)
+        split = training_split(_data_cfg(f"data.dataset={dataset}", f"data.root={roots[dataset]}", "data.check=header"), seed=0)
         assert len(split.train) + len(split.val) == (4 if dataset == "brats" else 5)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ BRATS23_LABELS = [0, 1, 2, 3]
 ATLAS_LABELS = [0, 1]
 UKB_MIN_SLICES = 100
 DEFAULT_VAL_COUNT = {"ukb": 100, "atlas": 100}
+#: problems named in a datalist's error before "... and N more"
+SHOWN_PROBLEMS = 10
 
 
 @dataclass
@@ -228,11 +231,13 @@ class Datalist:
         return self.training + (self.validation or [])
 
 
-def read_datalist(path: str | Path, root: str | Path | None = None) -> Datalist:
+def read_datalist(path: str | Path, root: str | Path | None = None, *, allow_shared: bool = False) -> Datalist:
     """Read a datalist JSON. Relative paths resolve against ``root``, else the file's ``"root"``, else its folder.
 
     Raises :class:`DataError` naming the file for a missing/unreadable/invalid file, an empty ``training``
-    list, or an entry without ``image``.
+    list, an entry without ``image``, a case listed twice (same ``id`` or same image file, :func:`duplicate_cases`),
+    or a case in both ``training`` and ``validation`` (:func:`shared_cases`); with ``allow_shared`` the last is
+    only logged as a warning (scoring a model on cases it may have trained on is the caller's choice).
     """
     path = Path(path)
     if not path.is_file():
@@ -263,7 +268,54 @@ def read_datalist(path: str | Path, root: str | Path | None = None) -> Datalist:
     if not lists["training"]:
         raise DataError(f"datalist {path}: no cases under 'training' (empty datalist)")
     validation = lists["validation"] if "validation" in content else None
-    return Datalist(path, base, content, lists["training"], validation)
+    listing = Datalist(path, base, content, lists["training"], validation)
+    _check_splits(listing, allow_shared)
+    return listing
+
+
+def _check_splits(listing: Datalist, allow_shared: bool) -> None:
+    """DataError for cases listed twice, and for cases in both lists unless ``allow_shared`` (then a warning)."""
+    training = [absolute(c, listing.base) for c in listing.training]
+    validation = [absolute(c, listing.base) for c in listing.validation or []]
+    problems = [f"{key}: {text}" for key, cases in (("training", training), ("validation", validation)) for text in duplicate_cases(cases)]
+    shared = shared_cases(training, validation)
+    if shared and not allow_shared:
+        problems.append(shared)
+    if problems:
+        more = f"; ... and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise DataError(f"datalist {listing.path}: " + "; ".join(problems[:SHOWN_PROBLEMS]) + more)
+    if shared:
+        log.warning("datalist %s: %s", listing.path, shared)
+
+
+def _identity(case: Case) -> list[str]:
+    """What makes two entries the same case: its explicit ``id`` (when given) and each of its image files."""
+    keys = [f"id {case['id']}"] if case.get("id") else []
+    return keys + [f"image {os.path.normpath(f)}" for f in _files(case)]
+
+
+def duplicate_cases(cases: Sequence[Case]) -> list[str]:
+    """One line per pair of entries of ``cases`` that are the same case (same id, or a shared image file), naming both."""
+    first: dict[str, int] = {}
+    out = []
+    for j, case in enumerate(cases):
+        clashes: dict[int, str] = {}
+        for key in _identity(case):
+            i = first.setdefault(key, j)
+            if i != j:
+                clashes.setdefault(i, key)
+        out += [f"entries {i} and {j} are the same case ({case_id(cases[i])} and {case_id(case)}: same {key})" for i, key in clashes.items()]
+    return out
+
+
+def shared_cases(training: Sequence[Case], validation: Sequence[Case]) -> str | None:
+    """A line naming the ``validation`` cases that are also training cases (same id or a shared image file), or None."""
+    seen = {key for case in training for key in _identity(case)}
+    names = [case_id(c) for c in validation if seen.intersection(_identity(c))]
+    if not names:
+        return None
+    more = f" ... and {len(names) - SHOWN_PROBLEMS} more" if len(names) > SHOWN_PROBLEMS else ""
+    return f"{len(names)} case(s) in both 'training' and 'validation' (same id or image file): {', '.join(names[:SHOWN_PROBLEMS])}{more}"
 
 
 def absolute(case: Case, base: Path) -> Case:

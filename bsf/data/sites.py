@@ -104,23 +104,12 @@ def check_site(
 
 
 def _site_cases(cfg) -> tuple[list[dict], Path]:
-    from bsf.data.index import FINDERS, MODALITIES, absolute, read_datalist, select_modalities
+    """Every case the site's config lists (training and validation alike) and the folder their paths resolve against."""
+    from bsf.data.cases import list_cases
 
     data = cfg.data
-    if data.datalist:
-        listing = read_datalist(data.datalist, data.root or None)
-        names = listing.content.get("modalities") or MODALITIES[data.dataset]
-        cases, base, where = [absolute(c, listing.base) for c in listing.all_cases], listing.base, f"datalist {data.datalist}"
-    else:
-        base = Path(data.root)
-        cases, names, where = [absolute(c, base) for c in FINDERS[data.dataset](base)], MODALITIES[data.dataset], f"data.root {base}"
-    if data.modalities:
-        cases = [select_modalities(c, data.modalities, names, where) for c in cases]
-    if data.fold is not None:
-        from bsf.data.pipeline import fold_split
-
-        fold_split(cases, data.fold, where)
-    return cases, base
+    cases = list_cases(data.dataset, datalist=data.datalist, root=data.root, modalities=data.modalities, fold=data.fold)
+    return cases.all_cases, cases.base
 
 
 def _check_cache_folder(cache: str, cache_dir: str, report: SiteReport) -> None:

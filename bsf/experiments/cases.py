@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from bsf.data.index import absolute, case_id, index_dataset, read_datalist
-from bsf.data.pipeline import fold_split
+from bsf.data.cases import fold_split, list_cases
+from bsf.data.index import case_id, index_dataset
 from bsf.errors import DataError
 from bsf.io import atomic_write_json
 
@@ -58,8 +58,9 @@ class ExperimentCases:
         return {**{k: self.header[k] for k in HEADER_KEYS if k in self.header}, "training": training, "validation": validation}
 
 
-def load_cases(dataset: str, *, datalist: str | None, root: str | None, out: Path) -> ExperimentCases:
-    """The experiment's cases: ``datalist`` as given, or ``root`` indexed now into ``out/datalist.json``.
+def experiment_cases(dataset: str, *, datalist: str | None, root: str | None, out: Path) -> ExperimentCases:
+    """The experiment's cases (:func:`bsf.data.cases.list_cases`): ``datalist`` as given, or ``root`` indexed now
+    into ``out/datalist.json``.
 
     BraTS folders get the official 5-fold split (:mod:`bsf.data.folds`); ATLAS folders a seeded held-out set.
     """
@@ -71,13 +72,8 @@ def load_cases(dataset: str, *, datalist: str | None, root: str | None, out: Pat
             log.info("index %s: %s", root, note)
         datalist = str(out / "datalist.json")
         atomic_write_json(result.datalist, datalist)
-    listing = read_datalist(datalist)
-    found = listing.dataset or dataset
-    if found != dataset:
-        raise DataError(f"datalist {listing.path}: holds {found} cases, this experiment needs {dataset}")
-    header = {"dataset": dataset, **{k: listing.content[k] for k in HEADER_KEYS[1:] if k in listing.content}}
-    validation = None if listing.validation is None else [absolute(c, listing.base) for c in listing.validation]
-    return ExperimentCases(listing.path, header, [absolute(c, listing.base) for c in listing.training], validation)
+    listed = list_cases(dataset, datalist=datalist)
+    return ExperimentCases(listed.datalist, listed.header, listed.training, listed.validation)
 
 
 def subset(cases: list[Case], percent: float, seed: int) -> list[Case]:

@@ -44,7 +44,7 @@ def parse_percents(text: str) -> list[float]:
 
 
 def _experiment(args: argparse.Namespace, protocol: str, dataset: str, default_modalities: list[str] | None = None) -> "Experiment":
-    from bsf.experiments.cases import load_cases
+    from bsf.experiments.cases import experiment_cases
     from bsf.experiments.runner import Experiment, make_arms
 
     out = Path(args.out)
@@ -57,7 +57,7 @@ def _experiment(args: argparse.Namespace, protocol: str, dataset: str, default_m
         out=out.resolve(),
         preset=args.preset or DEFAULT_PRESETS[dataset],
         overrides=list(args.overrides),
-        cases=load_cases(dataset, datalist=args.datalist, root=args.root, out=out.resolve()),
+        cases=experiment_cases(dataset, datalist=args.datalist, root=args.root, out=out.resolve()),
         arms=make_arms(args.pretrained, modalities if args.pretrained else None, not args.no_scratch),
         checkpoint=args.checkpoint,
         federated_local_steps=args.local_steps if args.federated else None,
