@@ -82,16 +82,13 @@ def _cases(finetuned: FinetunedModel, datalist: str | os.PathLike, split: str, r
     return cases, listed.datalist
 
 
-def _truth(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(f"label file {path}: no such file")
+def _truth(path: Path) -> np.ndarray:
+    """The label map (X, Y, Z) of a label file whose header :func:`bsf.predict.check_headers` passed."""
     try:
         data = np.asanyarray(nib.load(path).dataobj)
     except Exception as exc:  # noqa: BLE001 - any reader failure is reported with the file's name
         raise DataError(f"label file {path}: cannot read ({type(exc).__name__}: {exc})") from None
-    data = data.reshape(data.shape[:3]) if data.ndim == 4 and data.shape[3] == 1 else data
-    if data.shape != shape:
-        raise DataError(f"label file {path}: shape {data.shape} differs from its image's {shape}")
+    data = data.reshape(data.shape[:3])  # a 4-D header with one volume passed the check
     if not np.all(np.equal(np.mod(data, 1), 0)):
         raise DataError(f"label file {path}: holds non-integer values")
     return data.astype(np.int64)
