@@ -13,15 +13,17 @@ import numpy as np
 import pytest
 import torch
 
+from bsf.config import FederationConfig
 from bsf.engine import Engine
-from bsf.fl.trainer import FLSettings, SiteTrainer
+from bsf.fl.trainer import SiteTrainer
 
 #: one crop per volume: the cheapest SSL step that still has two views per crop
 FAST = ("data.crops_per_volume=1", "optim.warmup_steps=1")
 
 
-def _settings(**changes) -> FLSettings:
-    return FLSettings(**{"local_steps": 1, "validate_global": False, **changes})
+def _settings(**changes) -> FederationConfig:
+    """The site's part of a job's ``federation:`` section: one local step, no validation of the global model."""
+    return FederationConfig(**{"local_steps": 1, "validate_global": False, **changes})
 
 
 def _model_state(trainer: SiteTrainer) -> dict[str, torch.Tensor]:
