@@ -1,6 +1,7 @@
 """Faults on a real loopback NVFlare deployment (POC mode, 2 sites, tiny Stage 1 jobs).
 
-* a site killed mid-round (watchdog, client and job processes, as a crash): with ``min_clients=1`` the
+* a site killed mid-round (watchdog, client and job processes, as a crash; the site is configured so that it
+  cannot finish round 0, and is killed once the server has sent it that task, so no timing decides): with ``min_clients=1`` the
   round completes with the other site and so does the job; with ``min_clients=2`` NVFlare aborts the
   job (``Alive clients 1 < required min 2``) and the server log names the dead site;
 * the server killed mid-job: after a restart, :func:`bsf.fl.deploy.resume.export_resume_job` continues from
