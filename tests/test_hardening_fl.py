@@ -381,14 +381,15 @@ def test_the_aggregator_refuses_impossible_bounds(bad):
         CheckedFedAvgAggregator(**bad)
 
 
-def _controller(tmp_path: Path):
-    """A CheckedFedAvg with just enough NVFlare context to update, check and record a round."""
+def _controller(tmp_path: Path, min_accepted: int = 1, sites: int = 2):
+    """A CheckedFedAvg with just enough NVFlare context to update, check and record a round of ``sites`` sites."""
     from bsf.fl.controller import CheckedFedAvg
 
-    aggregator = CheckedFedAvgAggregator(expected_steps=4)
+    aggregator = CheckedFedAvgAggregator(expected_steps=4, min_accepted=min_accepted)
     controller = CheckedFedAvg(num_rounds=1, persistor_id="persistor", aggregator=aggregator)
     controller.fl_ctx = _context(tmp_path)
     controller.current_round = 3
+    controller._current_num_targets = sites  # what FedAvg's send_model records for the round
     controller.get_run_dir = lambda: str(tmp_path)
     return controller, aggregator
 
@@ -424,6 +425,20 @@ def test_an_error_reply_is_recorded_as_a_rejected_site(tmp_path):
     record = _rounds(tmp_path)[0]
     assert record["accepted_sites"] == ["site-1"] and record["rejected_sites"] == ["site-2"]
     assert "TASK_RESULT_FILTER_ERROR" in record["rejections"][0]["reason"] and record["weights"] == {"site-1": 4.0}
+
+
+@pytest.mark.parametrize("min_accepted, stops", [(1, False), (2, True)])
+def test_an_error_reply_stops_the_job_only_when_the_quorum_is_lost(tmp_path, min_accepted, stops):
+    """Two sites, one refused at the site: with min_clients=1 the round goes on; with 2 the job stops."""
+    controller, aggregator = _controller(tmp_path, min_accepted=min_accepted, sites=2)
+    aggregator.set_reference(_params(0.0))
+    aggregator.reset_stats()
+    panics = []
+    controller.panic = panics.append
+    controller._accept_train_result("site-2", make_reply(ReturnCode.TASK_RESULT_FILTER_ERROR), controller.fl_ctx)
+    assert bool(panics) is stops
+    if stops:
+        assert "min_clients=2" in panics[0]
 
 
 def test_the_persistor_refuses_to_save_a_non_finite_model(tmp_path, caplog):

@@ -6,7 +6,9 @@ Differences from ``nvflare.app_common.workflows.fedavg.FedAvg``:
 * results go through :class:`~bsf.fl.aggregation.CheckedFedAvgAggregator`, which knows the
   global model's keys and shapes and bounds each site's weight; a rejected result does not count
   as aggregated; an error reply (e.g. a result the site's own guard refused, which arrives as
-  ``TASK_RESULT_FILTER_ERROR`` with no data) is recorded as a rejection of that site;
+  ``TASK_RESULT_FILTER_ERROR`` with no data) is recorded as a rejection of that site, and the job
+  stops only when fewer than ``min_clients`` sites can still count (NVFlare alone would stop at the
+  first error reply when every site is asked);
 * the new global model is checked before it replaces the old one: if any tensor is NaN/Inf (e.g.
   a weight difference that overflows float32 once added), the previous global model is kept for
   that round, and the round and the tensors are logged;
@@ -83,15 +85,27 @@ class CheckedFedAvg(FedAvg):
         return accepted
 
     def _accept_train_result(self, client_name: str, result, fl_ctx, is_unknown_task: bool = False) -> bool:
-        accepted = super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task=is_unknown_task)
+        """An error reply is a rejected site; the job stops only when the quorum can no longer be met.
+
+        NVFlare's own rule stops the job as soon as *any* asked site answers with an error (it needs
+        every target when ``num_clients=0``). Here the quorum is the aggregator's ``min_accepted``:
+        a site whose result its own guard refused (``TASK_RESULT_FILTER_ERROR``), or that failed,
+        counts as rejected, and the round goes on with the others while ``min_accepted`` can still be
+        reached (``ignore_result_error=True``: always; ``False``: never).
+        """
         rc = result.get_return_code()
-        if not is_unknown_task and rc and rc != ReturnCode.OK:
-            reason = f"the site sent no update (return code {rc}"
-            if rc == ReturnCode.TASK_RESULT_FILTER_ERROR:
-                reason += ": its result guard or another result filter refused it; the site's log says why"
-            self.aggregator.reject(client_name, reason + ")")
-            self.error(f"REJECTED the result of site {client_name} in round {self.current_round}: {reason})")
-        return accepted
+        if is_unknown_task or not rc or rc == ReturnCode.OK:
+            return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task=is_unknown_task)
+        reason = f"the site sent no update (return code {rc}"
+        if rc == ReturnCode.TASK_RESULT_FILTER_ERROR:
+            reason += ": its result guard or another result filter refused it; the site's log says why"
+        self.aggregator.reject(client_name, reason + ")")
+        self.error(f"REJECTED the result of site {client_name} in round {self.current_round}: {reason})")
+        still_possible = self._current_num_targets - len(self.aggregator.rejected) >= self.aggregator.min_accepted
+        if self._ignore_result_error is False or (self._ignore_result_error is None and not still_possible):
+            self.panic(f"round {self.current_round}: {len(self.aggregator.rejected)} of {self._current_num_targets} "
+                       f"site(s) rejected; fewer than min_clients={self.aggregator.min_accepted} can remain")
+        return False
 
     def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
         """Apply the round's aggregate; keep the previous global model if the new one is not finite."""
