@@ -105,7 +105,7 @@ def _kill_site_mid_round(poc: PocDeployment, spec: JobSpec, tmp_path: Path) -> t
 
 
 def test_diverging_site_is_rejected_by_name(poc, tmp_path):
-    """site-2's own configuration makes it diverge (lr 1e37): its Inf/NaN update passes its guard (numbers), the server rejects it."""
+    """site-2's own configuration makes it diverge (lr 1e37): its guard refuses the Inf/NaN update, the server records it rejected."""
     site_config = poc.kit("site-2") / "local" / "bsf_site.yaml"
     site_config.write_text(yaml.safe_dump({"overrides": ["optim.lr=1.0e+37", "optim.warmup_steps=0"]}))
     try:
@@ -117,7 +117,9 @@ def test_diverging_site_is_rejected_by_name(poc, tmp_path):
     rounds = _rounds(run_dir)
     assert rounds[0]["accepted_sites"] == ["site-1"] and rounds[0]["rejected_sites"] == ["site-2"]
     log = (run_dir / "log.txt").read_text()
-    assert "REJECTED the result of site site-2" in log and "NaN/Inf" in log
+    assert "REJECTED the result of site site-2" in log and "TASK_RESULT_FILTER_ERROR" in log
+    audit = [json.loads(line) for line in (poc.kit("site-2") / job_id / "bsf_privacy_audit.jsonl").read_text().splitlines()]
+    assert any(not r["allowed"] and any("holds NaN or Inf" in p for p in r["problems"]) for r in audit if r["task"] == "train")
     assert all(np.isfinite(v).all() for v in _global(run_dir).values())
 
 
