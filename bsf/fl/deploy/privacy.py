@@ -107,9 +107,9 @@ class ResultRefused(BSFError, ValueError):
 
 # ------------------------------------------------------------------ naming without copying
 def _name(value: Any) -> str:
-    """A key or string as it may appear in a message: quoted, cut to :data:`AUDIT_CHARS` characters."""
+    """A key or string as it may appear in a message: quoted, cut to :data:`AUDIT_CHARS` characters (else its type)."""
     if not isinstance(value, str):
-        return f"<{type(value).__name__}>"
+        return f"<{_type(value)}>"
     if len(value) > AUDIT_CHARS:
         return repr(value[:AUDIT_CHARS]) + f"...({len(value)} chars)"
     return repr(value)
@@ -184,7 +184,7 @@ def _identifier(value: Any, where: str) -> list[str]:
 def _one_of(choices: frozenset[str]) -> Rule:
     def rule(value: Any, where: str) -> list[str]:
         if type(value) is not str or value not in choices:
-            return [f"{where} {_name(value) if isinstance(value, str) else _type(value)} is not one of {sorted(choices)}"]
+            return [f"{where} {_name(value)} is not one of {sorted(choices)}"]
         return []
 
     return rule
@@ -193,7 +193,7 @@ def _one_of(choices: frozenset[str]) -> Rule:
 def _filter_history(value: Any, where: str) -> list[str]:
     if type(value) is not list or len(value) > len(DP_FILTERS):
         return [f"{where} is a {_type(value)}, not a short list of filter names"]
-    return [f"{where} holds {_name(v) if isinstance(v, str) else _type(v)}, not one of {sorted(DP_FILTERS)}"
+    return [f"{where} holds {_name(v)}, not one of {sorted(DP_FILTERS)}"
             for v in value if type(v) is not str or v not in DP_FILTERS]
 
 
@@ -303,8 +303,7 @@ def check_result(
     """
     kind = _kind_name(dxo_kind)
     if kind not in (*WEIGHT_KINDS, METRICS_KIND):
-        shown = _name(kind) if kind is not None else _type(dxo_kind)
-        return [f"DXO kind {shown} may not leave the site (only WEIGHTS, WEIGHT_DIFF, METRICS)"]
+        return [f"DXO kind {_name(dxo_kind)} may not leave the site (only WEIGHTS, WEIGHT_DIFF, METRICS)"]
     if kind in WEIGHT_KINDS:
         problems = _weights(kind, data, model_shapes)
     else:
@@ -435,7 +434,7 @@ class ResultGuard(Filter):  # type: ignore[misc,valid-type]
         safe = rc if type(rc) is str and rc in codes else ReturnCode.EXECUTION_EXCEPTION
         record.update(kind="reply", return_code=safe, allowed=True)
         if safe != rc:
-            record["problems"] = [f"return code {_name(rc) if isinstance(rc, str) else _type(rc)} is not NVFlare's; sent {safe}"]
+            record["problems"] = [f"return code {_name(rc)} is not NVFlare's; sent {safe}"]
         self._audit(fl_ctx, record)
         return make_reply(safe)
 
