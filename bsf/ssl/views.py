@@ -10,9 +10,10 @@ BrainSegFounder's ``pretrain/utils/ops.py`` is the same code), per sample of sha
   *current* view into sample i (j's corrupted view when j < i, its clean view when j > i, as the public loop
   runs in order). A paste happens with probability 1 - 1/B, never at B = 1.
 
-All randomness comes from an explicit ``torch.Generator`` on the tensor's device, so the same seed gives the
-same views on CPU and CUDA alike. Boxes are drawn and painted for the whole batch at once; only the paste
-resolution runs over the B samples in order (one ``torch.where`` each), as its dependencies demand.
+All randomness comes from an explicit ``torch.Generator`` on the tensor's device (never the global RNG), so a
+seed and a device give the same views every time. Boxes are drawn and painted for the whole batch at once; only
+the paste resolution runs over the B samples in order (one ``torch.where`` each), as its dependencies demand.
+Drawing a pass synchronises host and device once per chunk of candidate boxes (usually one or two chunks).
 """
 
 from __future__ import annotations
