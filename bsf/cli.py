@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 from bsf.bench.cli import add_bench_parser
+from bsf.console import add_train_arguments, run_guarded
 from bsf.errors import BSFError
 from bsf.experiments.cli import add_experiment_parser
 from bsf.fl.chain import add_chain_parser
@@ -17,41 +17,6 @@ from bsf.fl.deploy.cli import add_deploy_parser
 from bsf.fl.jobs import add_jobs_parser
 
 log = logging.getLogger("bsf")
-
-
-#: OS errors that mean a path the user gave (an argument, a config value, a folder under it) is wrong, not a bug
-USER_PATH_ERRORS = (IsADirectoryError, NotADirectoryError, FileNotFoundError, FileExistsError, PermissionError)
-
-
-def run_guarded(action: Callable[[], Any]) -> int:
-    """Run ``action``; a user error becomes one line ``error: <message>`` on stderr and exit code 2.
-
-    User errors: a :class:`BSFError`, and an OS error of :data:`USER_PATH_ERRORS` about a named path (an output
-    path that is a folder, an unreadable file, a folder where a file should be). Anything else is a bug and keeps
-    its traceback.
-    """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        action()
-    except BSFError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except USER_PATH_ERRORS as exc:
-        if exc.filename is None:
-            raise
-        log.debug("user path error", exc_info=True)  # the traceback, for a logger set to DEBUG
-        print(f"error: {path_error_message(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-def path_error_message(exc: OSError) -> str:
-    """``<path>: <what is wrong>`` for an OS error about a path (both paths of a failed rename or copy)."""
-    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
-    return f"{paths}: {(exc.strerror or type(exc).__name__).lower()}"
 
 
 # ---------------------------------------------------------------------- model
@@ -285,12 +250,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from bsf.demo import run_demo
 
     run_demo(Path(args.out), subjects=args.subjects, steps=args.steps, pipeline=not args.no_pipeline)
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML file or shipped preset name (see `bsf presets`)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint_last.pt when present")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=200")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ from bsf.data.check import ERROR, case_header_problems
 from bsf.data.pipeline import CheckedLoadd, CompactImaged, as_data_error, deterministic_transforms
 from bsf.data.transforms import INTENSITY_ONLY
 from bsf.engine.engine import resolve_device
-from bsf.engine.tasks import input_modalities
+from bsf.engine.stage_model import input_modalities
 from bsf.errors import CheckpointError, ConfigError, DataError
 from bsf.inference import build_network, segment
 from bsf.io import atomic_path

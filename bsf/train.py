@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bsf.config import RunConfig, load_config
+from bsf.console import add_train_arguments, run_guarded
 from bsf.engine import Engine, resolve_device
 from bsf.errors import BSFError, CheckpointError, ConfigError
 from bsf.io import atomic_torch_save, atomic_write_json
@@ -190,8 +191,6 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for ``torchrun -m bsf.train``; same arguments as ``bsf train``."""
-    from bsf.cli import add_train_arguments, run_guarded
-
     parser = argparse.ArgumentParser(prog="python -m bsf.train", description=__doc__)
     add_train_arguments(parser)
     return run_guarded(lambda: run_from_args(parser.parse_args(argv)))

@@ -17,7 +17,8 @@ import torch
 from monai.transforms import Compose, Transform
 
 from bsf import io as bsf_io
-from bsf.cli import main, run_guarded
+from bsf.cli import main
+from bsf.console import run_guarded
 from bsf.data.cases import list_cases
 from bsf.data.index import read_datalist
 from bsf.data.pipeline import persistent_dataset

@@ -15,6 +15,7 @@ from torch import nn
 from bsf.config import RunConfig
 from bsf.data.pipeline import validation_volumes
 from bsf.data.transforms import random_transforms
+from bsf.engine.stage_model import load_pretrained_if_configured
 from bsf.errors import DataError
 from bsf.inference import build_network, segment
 from bsf.metrics import BRATS_REGIONS, brats_dice, brats_regions, dice_score
@@ -94,8 +95,6 @@ class SegmentationTask:
         self.region_names = list(BRATS_REGIONS) if self.dataset == "brats" else ["lesion"]
 
     def build_model(self) -> nn.Module:
-        from bsf.engine.tasks import load_pretrained_if_configured
-
         model = build_network(self.config, use_checkpoint=self.config.model.use_checkpoint)
         set_output_prior(model, self.config.finetune.output_prior)
         load_pretrained_if_configured(model, self.config)

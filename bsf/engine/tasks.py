@@ -10,11 +10,11 @@ from monai.transforms import Compose, Transform
 from torch import nn
 
 from bsf.config import RunConfig
-from bsf.data.index import MODALITIES
 from bsf.data.pipeline import validation_crops
 from bsf.data.transforms import random_transforms
+from bsf.engine.segmentation import SegmentationTask
+from bsf.engine.stage_model import load_pretrained_if_configured
 from bsf.model import SSLModel
-from bsf.model.pretrained import load_pretrained_encoder
 from bsf.ssl import CorruptionConfig, SSLLoss, make_ssl_views
 
 log = logging.getLogger(__name__)
@@ -38,17 +38,6 @@ class Task(Protocol):
     def validation_items(self, cases: list[dict[str, Any]]) -> list[Any]: ...
 
     def validate(self, model: nn.Module, items: list[Any], generator: torch.Generator, device: torch.device) -> dict[str, float]: ...
-
-
-def input_modalities(config: RunConfig) -> list[str]:
-    """The model's input channels by modality name: ``data.modalities`` or the data set's full set."""
-    return list(config.data.modalities) or MODALITIES[config.data.dataset]
-
-
-def load_pretrained_if_configured(model: nn.Module, config: RunConfig) -> None:
-    """Load ``model.pretrained``'s encoder into ``model``, adapting channels by modality name (seeded)."""
-    if config.model.pretrained:
-        load_pretrained_encoder(model, config.model.pretrained, config.model.pretrained_modalities, input_modalities(config), seed=config.seed)
 
 
 class SSLTask:
@@ -116,7 +105,5 @@ class SSLTask:
 
 
 def build_task(config: RunConfig) -> Task:
-    from bsf.engine.segmentation import SegmentationTask
-
     tasks = {"ssl": SSLTask, "finetune": SegmentationTask}
     return tasks[config.stage](config)

@@ -120,7 +120,7 @@ def initial_global_weights(
         raise CheckpointError(f"{job}: the previous stage's model {path} (from {origin}) not found on the server")
     config = copy.deepcopy(config)
     config.model.pretrained = str(path)
-    from bsf.engine.tasks import input_modalities
+    from bsf.engine.stage_model import input_modalities
 
     target = input_modalities(config)
     try:
