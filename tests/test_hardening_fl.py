@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
-from nvflare.apis.fl_context import FLContext
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import make_model_learnable
@@ -41,6 +40,7 @@ from bsf.fl.deploy.privacy import (
     model_shapes_from_run_config,
 )
 from bsf.fl.jobs import JobSpec, job_run_config
+from tests.nvflare_fakes import site_context
 
 # A BraTS label slice (values 0, 1, 2, 4) and the encodings a site script could hide it in.
 LABEL = np.random.default_rng(7).choice(np.array([0, 1, 2, 4], np.uint8), size=(12, 12))
@@ -64,37 +64,6 @@ ENCODING_IDS = list(ENCODINGS)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-class _Workspace:
-    def __init__(self, root: Path):
-        self.root = root
-
-    def get_run_dir(self, job_id: str) -> str:
-        return str(self.root / job_id)
-
-
-class _Engine:
-    """What the filter and the controller ask of NVFlare's engine: a workspace and an event sink."""
-
-    def __init__(self, root: Path):
-        self.workspace = _Workspace(root)
-
-    def get_workspace(self):
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx):
-        pass
-
-
-def _context(root: Path, app: Path | None = None) -> FLContext:
-    ctx = FLContext()
-    ctx.set_prop(ReservedKey.ENGINE, _Engine(root), private=True, sticky=False)
-    ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=True, sticky=False)
-    ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=True, sticky=False)
-    if app is not None:
-        ctx.set_prop(FLContextKey.APP_ROOT, str(app), private=True, sticky=False)
-    return ctx
-
-
 @pytest.fixture(scope="module")
 def guard(tmp_path_factory):
     """One ResultGuard on a deployed Stage 1 job (its shapes are built once), its context and audit file."""
@@ -103,7 +72,7 @@ def guard(tmp_path_factory):
     (app / "config").mkdir(parents=True)
     (app / "config" / "bsf_run.yaml").write_text(yaml.safe_dump(job_run_config(JobSpec())))
     shapes = model_shapes_from_run_config(app / "config" / "bsf_run.yaml")
-    return ResultGuard(), _context(root, app), root / "job1" / AUDIT_FILE, shapes
+    return ResultGuard(), site_context(root, app), root / "job1" / AUDIT_FILE, shapes
 
 
 def _site_result(shapes: dict[str, tuple[int, ...]]) -> Shareable:
@@ -387,7 +356,7 @@ def _controller(tmp_path: Path, min_accepted: int = 1, sites: int = 2):
 
     aggregator = CheckedFedAvgAggregator(expected_steps=4, min_accepted=min_accepted)
     controller = CheckedFedAvg(num_rounds=1, persistor_id="persistor", aggregator=aggregator)
-    controller.fl_ctx = _context(tmp_path)
+    controller.fl_ctx = site_context(tmp_path)
     controller.current_round = 3
     controller._current_num_targets = sites  # what FedAvg's send_model records for the round
     controller.get_run_dir = lambda: str(tmp_path)
@@ -446,7 +415,7 @@ def test_the_persistor_refuses_to_save_a_non_finite_model(tmp_path, caplog):
 
     persistor = BSFModelPersistor()
     persistor._ckpt_save_path = str(tmp_path / "FL_global_model.pt")
-    ctx = _context(tmp_path)
+    ctx = site_context(tmp_path)
     bad = {k: torch.full(s, float("nan")) for k, s in REF.items()}
     with caplog.at_level(logging.ERROR):
         persistor.save_model(make_model_learnable(weights=copy.deepcopy(bad), meta_props={}), ctx)

@@ -7,18 +7,17 @@ guard's rules and its NVFlare filter are driven directly.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from nvflare.apis.dxo import DXO, DataKind
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
-from nvflare.apis.fl_context import FLContext
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import make_reply
 
 from bsf.fl.deploy.privacy import AUDIT_FILE, ResultGuard, ResultRefused, check_result, model_shapes_from_run_config
 from bsf.fl.jobs import JobSpec, job_run_config
+from tests.nvflare_fakes import site_context
 
 SHAPES = {"swinViT.patch_embed.proj.weight": (12, 2, 2, 2, 2), "swinViT.norm.bias": (12,)}
 
@@ -69,35 +68,12 @@ def test_other_payload_kinds_and_headers_are_refused():
 
 
 # ------------------------------------------------------------------ the NVFlare filter
-class _Workspace:
-    def __init__(self, root: Path):
-        self.root = root
-
-    def get_run_dir(self, job_id: str) -> str:
-        return str(self.root / job_id)
-
-
-class _Engine:
-    def __init__(self, root: Path):
-        self.workspace = _Workspace(root)
-
-    def get_workspace(self):
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx):  # the filter's error log fires an event
-        pass
-
-
 @pytest.fixture
 def guard_ctx(tmp_path):
     app = tmp_path / "job1" / "app_site-1"
     (app / "config").mkdir(parents=True)
     (app / "config" / "bsf_run.yaml").write_text(yaml.safe_dump(job_run_config(JobSpec())))
-    ctx = FLContext()
-    ctx.set_prop(ReservedKey.ENGINE, _Engine(tmp_path), private=True, sticky=False)
-    ctx.set_prop(FLContextKey.APP_ROOT, str(app), private=True, sticky=False)
-    ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=True, sticky=False)
-    ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=True, sticky=False)
+    ctx = site_context(tmp_path, app)
     return ctx, tmp_path / "job1" / AUDIT_FILE, model_shapes_from_run_config(app / "config" / "bsf_run.yaml")
 
 
