@@ -150,7 +150,7 @@ def test_reference_rotation_and_corruption_follow_the_public_loop():
     views, k = reference_rot_rand(x, rng)
     assert k.dtype == torch.long and k.shape == (3,)
     for i in range(3):  # rotating back restores each crop
-        assert torch.equal(torch.rot90(views[i], -int(k[i]), dims=(1, 2)), x[i])
+        assert torch.equal(torch.rot90(views[i], -int(k[i]), dims=(2, 3)), x[i])  # the public plane: last two axes
 
     before = views.clone()
     corrupted = reference_aug_rand(views, rng)

@@ -76,7 +76,7 @@ def reference_rot_rand(x_s: torch.Tensor, rng: np.random.RandomState) -> tuple[t
         x = x_s[i]
         orientation = rng.randint(0, 4)
         if orientation:
-            x = x.rot90(orientation, (1, 2))  # the two axes after the channel axis
+            x = x.rot90(orientation, (2, 3))  # the last two spatial axes of (C, X, Y, Z), as the public code
         x_aug[i] = x
         x_rot[i] = orientation
     return x_aug, x_rot
