@@ -280,30 +280,43 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(source: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+def load_config(
+    source: str | Path | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    settings: Mapping[str, Any] | None = None,
+) -> RunConfig:
     """Build a validated :class:`RunConfig`.
 
     ``source`` is a YAML path, the name of a shipped preset (``stage1_test``), a mapping, or
-    ``None`` for the defaults. ``overrides`` are ``dotted.key=value`` strings, values parsed as YAML.
+    ``None`` for the defaults. ``settings`` (``dotted.key -> value``, e.g. a site's sections) and then
+    ``overrides`` (``dotted.key=value`` strings, values parsed as YAML) are set in the raw mapping, in
+    order, before anything is validated.
     """
     raw: dict[str, Any] = {}
     if isinstance(source, Mapping):
-        raw = dict(source)
+        raw = copy.deepcopy(dict(source))
     elif source is not None:
         raw = _read_yaml(source)
+    for key, value in (settings or {}).items():
+        _set_dotted(raw, key, copy.deepcopy(value))  # the caller's mappings stay as they are
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            problem = str(exc).splitlines()[0]
-            raise ConfigError(f"override {item!r}: the value {value!r} is not valid YAML ({problem})") from None
-        _set_dotted(raw, key.strip(), parsed)
+        _set_dotted(raw, *parse_override(item))
     config = _build(RunConfig, _upgrade(raw), "")
     validate(config)
     return config
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``section.key=value`` -> ``("section.key", value parsed as YAML)``; a malformed one is a ConfigError naming it."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value {value!r} is not valid YAML ({problem})") from None
+    return key.strip(), parsed
 
 
 def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
