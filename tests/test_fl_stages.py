@@ -151,12 +151,12 @@ def test_cross_site_table_rows_models_columns_sites(tmp_path):
 def test_unconfigured_site_synthesises_the_jobs_data_set(tmp_path):
     """A Stage 2/3 BraTS site without data synthesises BraTS-like cases (with tumour labels), not UKB."""
     from bsf.data.layouts import find_brats_cases
-    from bsf.fl.site import SiteSetup, prepare_site_data, resolve_site
+    from bsf.fl.site import SiteConfig, SyntheticData, prepare_site_data, resolve_site
 
-    assert resolve_site("site-9", tmp_path, environ={}).synthetic  # nothing configured -> synthesise
-    overrides = prepare_site_data(SiteSetup(site="site-9", synthetic={"subjects": 2, "spacing": 6.0}), "brats", tmp_path)
-    root = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("data.root=")))
-    assert "data.dataset=brats" in overrides and "synthetic-brats" in root.name
+    assert resolve_site("site-9", tmp_path, environ={}).synthesises  # nothing configured -> synthesise
+    site = prepare_site_data(SiteConfig(site="site-9", synthetic=SyntheticData(subjects=2, spacing=6.0)), "brats", tmp_path)
+    root = Path(site.setting("data.root"))
+    assert site.setting("data.dataset") == "brats" and "synthetic-brats" in root.name and not site.synthesises
     cases = find_brats_cases(root)
     assert len(cases) == 2 and all("label" in c for c in cases)
 

@@ -7,7 +7,7 @@ import pytest
 
 from bsf.errors import ConfigError
 from bsf.fl.aggregation import CheckedFedAvgAggregator, WeightedMean, check_update, update_weight, weighted_average
-from bsf.fl.site import DEFAULT_SYNTHETIC, ENV_SITE_CONFIG, resolve_site, site_seed
+from bsf.fl.site import ENV_SITE_CONFIG, SyntheticData, resolve_site, site_seed
 
 REF = {"swinViT.a": (2, 3), "swinViT.b": (4,)}
 
@@ -135,7 +135,7 @@ def test_aggregator_rejects_mixed_params_types():
 # ------------------------------------------------------------------ site configuration
 def test_site_without_configuration_synthesises(tmp_path):
     setup = resolve_site("site-7", tmp_path, environ={})
-    assert setup.synthetic == DEFAULT_SYNTHETIC and setup.overrides == []
+    assert setup.synthesises and setup.synthetic == SyntheticData() and setup.settings() == {}
     # the CRC-32 of the name (not Python's per-process hash): the same seed on every machine and run
     assert site_seed("site-7") == 444_598_800 and site_seed("site-8") == 171_906_945
 
@@ -145,18 +145,18 @@ def test_site_config_from_local_folder_and_env_map(tmp_path):
     (ws / "local").mkdir(parents=True)
     (ws / "local" / "bsf_site.yaml").write_text("data:\n  root: /data/ukb\ntrain:\n  device: cpu\n")
     setup = resolve_site("hospital-a", ws, environ={})
-    assert "data.root=/data/ukb" in setup.overrides and "train.device=cpu" in setup.overrides
-    assert setup.synthetic is None
+    assert setup.settings() == {"data.root": "/data/ukb", "train.device": "cpu"}
+    assert not setup.synthesises
 
     (tmp_path / "one.yaml").write_text("data: {root: /d1}\n")
     site_map = tmp_path / "map.yaml"
     site_map.write_text("sites:\n  site-1: one.yaml\n  site-2: {synthetic: {subjects: 3}}\n")
     env = {ENV_SITE_CONFIG: str(site_map)}
-    assert resolve_site("site-1", ws, environ=env).overrides == ["data.root=/d1"]
+    assert resolve_site("site-1", ws, environ=env).settings() == {"data.root": "/d1"}
     s2 = resolve_site("site-2", ws, environ=env)
-    assert s2.synthetic["subjects"] == 3 and s2.synthetic["spacing"] == DEFAULT_SYNTHETIC["spacing"]
+    assert s2.synthesises and s2.synthetic == SyntheticData(subjects=3, spacing=SyntheticData().spacing)
     # unlisted in the map -> falls through to the site's local file
-    assert "data.root=/data/ukb" in resolve_site("site-3", ws, environ=env).overrides
+    assert resolve_site("site-3", ws, environ=env).setting("data.root") == "/data/ukb"
 
 
 def test_site_config_rejects_unknown_keys(tmp_path):

@@ -14,7 +14,6 @@ from typing import Sequence
 
 import nibabel as nib
 import numpy as np
-import yaml
 
 from bsf.errors import BSFError
 
@@ -52,24 +51,19 @@ def check_site(
     full: bool = False,
     workers: int = 4,
 ) -> SiteReport:
-    """Validate the site config at ``path`` (raises :class:`bsf.errors.ConfigError` on bad keys/values)."""
-    from bsf.config import load_config
-    from bsf.fl.site import ENV_SITE_CONFIG, resolve_site
+    """Validate the site config at ``path`` merged into the job's run config ``config`` (None: the defaults), with
+    ``overrides`` (``key=value`` strings) on top; raises :class:`bsf.errors.ConfigError` on bad keys/values."""
+    from bsf.fl.site import ENV_SITE_CONFIG, load_with_site, resolve_site
 
     path = Path(path)
     if not path.is_file():
         raise BSFError(f"site config {path}: no such file")
-    setup = resolve_site(site, environ={ENV_SITE_CONFIG: str(path)})
-    every = [*setup.overrides, *overrides]
-    if config is None:  # no job to compare with: let the model take the site's channel count
-        named = [yaml.safe_load(o.split("=", 1)[1]) for o in every if o.startswith("data.modalities=")]
-        if named and isinstance(named[-1], list) and named[-1]:
-            every = [f"model.in_channels={len(named[-1])}", *every]
-    cfg = load_config(config, every)
+    site_config = resolve_site(site, environ={ENV_SITE_CONFIG: str(path)}).with_overrides(overrides)
+    cfg = load_with_site(config, site_config)
     data = cfg.data
     report = SiteReport([f"site config {path}: data set {data.dataset}"])
-    if setup.synthetic is not None and not any(o.startswith(("data.root=", "data.datalist=")) for o in overrides):
-        report.lines.append(f"no data.root or data.datalist: the site synthesises data ({setup.synthetic})")
+    if site_config.synthesises:
+        report.lines.append(f"no data.root or data.datalist: the site synthesises data ({site_config.synthetic})")
         return report
     if data.root and not Path(data.root).is_dir():
         report.problems.append(f"data.root {data.root}: no such folder")

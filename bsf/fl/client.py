@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bsf.config import RunConfig
 from bsf.errors import ConfigError
 from bsf.fl.run_folders import RUN_CONFIG_FILE
-from bsf.fl.site import prepare_site_data, resolve_site
+from bsf.fl.site import load_with_site, prepare_site_data, resolve_site
 from bsf.fl.trainer import SiteTrainer
 
 log = logging.getLogger(__name__)
@@ -60,21 +61,19 @@ class SitePaths:
         return cls(workspace=workspace, job=job, app=app)
 
 
-def site_run_config(site: str, paths: SitePaths):
-    """The job's run config with this site's data merged in, validated; its ``federation`` section is required.
+def site_run_config(site: str, paths: SitePaths) -> RunConfig:
+    """The job's run config with this site's configuration merged in before validation; ``federation`` is required.
 
     The previous stage's model (Stage 2/3) is loaded and channel-adapted once, on the server, and arrives
     as the round-0 global model: a site never needs (or reads) that file itself.
     """
-    from bsf.engine import load_config
-
     run_config = paths.app_config / RUN_CONFIG_FILE
-    setup = resolve_site(site, paths.workspace)
-    log.info("site %s: site configuration from %s", site, setup.source)
-    dataset = load_config(run_config, overrides=setup.overrides).data.dataset
-    site_overrides = prepare_site_data(setup, dataset, paths.workspace)
+    site_config = resolve_site(site, paths.workspace)
+    log.info("site %s: site configuration from %s", site, site_config.source)
+    dataset = load_with_site(run_config, site_config).data.dataset
+    site_config = prepare_site_data(site_config, dataset, paths.workspace)
     state_dir = paths.job / SITE_STATE_FOLDER
-    config = load_config(run_config, overrides=[*site_overrides, f"train.output_dir={state_dir}", "model.pretrained=null"])
+    config = load_with_site(run_config, site_config, {"train.output_dir": str(state_dir), "model.pretrained": None})
     if config.federation is None:
         raise ConfigError(f"{run_config}: no federation section; export the job with `bsf jobs export`")
     return config

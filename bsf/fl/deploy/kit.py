@@ -18,8 +18,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bsf.fl.deploy.policies import authorization_policy, extend_allow_list, privacy_policy, set_gpu_resources
 from bsf.errors import ConfigError
+from bsf.fl.deploy.policies import authorization_policy, extend_allow_list, privacy_policy, set_gpu_resources
+from bsf.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,6 @@ RESOURCES = "resources.json"
 RESOURCES_DEFAULT = "resources.json.default"
 PRIVACY = "privacy.json"
 AUTHORIZATION = "authorization.json"
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_resources(local: Path) -> dict[str, Any]:
@@ -47,16 +42,19 @@ def _read_resources(local: Path) -> dict[str, Any]:
 
 
 def check_site_config(path: str | os.PathLike, site: str) -> str:
-    """Validate a site YAML exactly as the site's client will read it; returns a one-line summary."""
-    from bsf.fl.site import ENV_SITE_CONFIG, resolve_site
+    """Validate a site YAML as the site's client will read it (keys, and values merged into the default run config);
+    returns a one-line summary."""
+    from bsf.fl.site import ENV_SITE_CONFIG, load_with_site, resolve_site
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"site config {path}: no such file")
-    setup = resolve_site(site, workspace=None, environ={ENV_SITE_CONFIG: str(path)})
-    if setup.synthetic is not None:
-        return f"{path}: no data root or datalist; the site will SYNTHESISE {setup.synthetic['subjects']} subjects"
-    return f"{path}: " + ", ".join(o for o in setup.overrides if o.startswith(("data.dataset=", "data.root=", "data.datalist=")))
+    site_config = resolve_site(site, workspace=None, environ={ENV_SITE_CONFIG: str(path)})
+    load_with_site(None, site_config)
+    if site_config.synthesises:
+        return f"{path}: no data root or datalist; the site will SYNTHESISE {site_config.synthetic.subjects} subjects"
+    named = {key: site_config.setting(key) for key in ("data.dataset", "data.root", "data.datalist")}
+    return f"{path}: " + ", ".join(f"{key}={value}" for key, value in named.items() if value is not None)
 
 
 def write_client_local(
@@ -71,14 +69,15 @@ def write_client_local(
     if num_gpus is not None:
         resources = set_gpu_resources(resources, num_gpus, gpu_mem_gib or 0)
     written = [local / RESOURCES, local / PRIVACY, local / AUTHORIZATION]
-    _write_json(local / RESOURCES, resources)
-    _write_json(local / PRIVACY, privacy_policy(dp))
-    _write_json(local / AUTHORIZATION, authorization_policy())
+    atomic_write_json(resources, local / RESOURCES)
+    atomic_write_json(privacy_policy(dp), local / PRIVACY)
+    atomic_write_json(authorization_policy(), local / AUTHORIZATION)
     if site_config is not None:
         from bsf.fl.site import LOCAL_SITE_FILE
 
         log.info("site %s: %s", site, check_site_config(site_config, site))
-        shutil.copyfile(site_config, local / LOCAL_SITE_FILE)
+        with atomic_path(local / LOCAL_SITE_FILE) as tmp:
+            shutil.copyfile(site_config, tmp)
         written.append(local / LOCAL_SITE_FILE)
     return written
 
@@ -95,7 +94,7 @@ def write_server_local(local: str | os.PathLike, heartbeat_timeout: float | None
         for server in resources.get("servers", []):
             server["heart_beat_timeout"] = heartbeat_timeout
     for name in (RESOURCES, RESOURCES_DEFAULT):
-        _write_json(local / name, resources)
+        atomic_write_json(resources, local / name)
     return [local / RESOURCES, local / RESOURCES_DEFAULT]
 
 
