@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bsf.io import atomic_write_json, atomic_write_text
+
 RESULTS_FILE = "cross_val_results.json"
 TABLE_JSON = "cross_site_table.json"
 TABLE_MD = "cross_site_table.md"
@@ -139,13 +141,8 @@ def write_cross_site_table(
     out = Path(out_dir) if out_dir is not None else source.parent
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / TABLE_JSON, out / TABLE_MD
-    for target, text in (
-        (json_path, json.dumps(table, indent=1, sort_keys=True)),
-        (md_path, format_markdown(table, title or "Cross-site evaluation")),
-    ):
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
+    atomic_write_json(table, json_path)
+    atomic_write_text(format_markdown(table, title or "Cross-site evaluation"), md_path)
     return json_path, md_path
 
 

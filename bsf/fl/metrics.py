@@ -10,7 +10,6 @@ writes ``tb_events/<site>/`` and :class:`JSONMetricsReceiver` writes ``bsf_metri
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -20,6 +19,8 @@ from nvflare.apis.dxo import from_shareable
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.widgets.streaming import AnalyticsReceiver
+
+from bsf.io import atomic_write_json
 
 SUMMARY_FILE = "bsf_metrics.json"
 
@@ -86,10 +87,7 @@ class JSONMetricsReceiver(AnalyticsReceiver):
         last = {
             site: {tag: points[-1][1] for tag, points in tags.items() if points} for site, tags in self._series.items()
         }
-        tmp = self._path + ".tmp"
-        with open(tmp, "w") as handle:
-            json.dump({"sites": self._series, "last": last}, handle, indent=1, sort_keys=True)
-        os.replace(tmp, self._path)
+        atomic_write_json({"sites": self._series, "last": last}, self._path)
         self._pending = 0
 
     def finalize(self, fl_ctx: FLContext):

@@ -24,6 +24,7 @@ import numpy as np
 
 from bsf.config import FederationConfig
 from bsf.errors import CheckpointError
+from bsf.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,7 @@ class SiteTrainer:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(self.state_dir / RESUME_FILE)
-        tmp = self.state_dir / (RESUME_META + ".tmp")
-        tmp.write_text(json.dumps({"round": current_round, "step": int(self.engine.step)}))
-        tmp.replace(self.state_dir / RESUME_META)
+        atomic_write_json({"round": current_round, "step": int(self.engine.step)}, self.state_dir / RESUME_META)
 
     def _append_log(self, current_round: int, metrics: Mapping[str, float], records: list[dict[str, float]], seconds: float) -> None:
         """The site's own record of every round (stays at the site): ``<state_dir>/train_log.jsonl``."""
