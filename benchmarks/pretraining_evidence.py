@@ -33,7 +33,7 @@ from bsf.cli import main as bsf_main
 from bsf.config import load_config
 from bsf.data.index import index_dataset
 from bsf.data.synth import synthesize
-from bsf.fl.export import export_global_encoder
+from bsf.federation.export import export_global_encoder
 from bsf.io import atomic_write_json
 from bsf.train import train
 

@@ -12,8 +12,8 @@ from bsf.bench.cli import add_bench_parser
 from bsf.console import add_train_arguments, run_guarded
 from bsf.errors import BSFError
 from bsf.experiments.cli import add_experiment_parser
-from bsf.fl.chain import add_chain_parser
-from bsf.fl.deploy.cli import add_deploy_parser
+from bsf.pipeline.chain import add_chain_parser
+from bsf.pipeline.deploy_cli import add_deploy_parser
 from bsf.fl.jobs import add_jobs_parser
 
 log = logging.getLogger("bsf")
@@ -119,7 +119,7 @@ def _case_id(case: dict) -> str:
 
 
 def cmd_site_check(args: argparse.Namespace) -> None:
-    from bsf.data.sites import check_site
+    from bsf.federation.site_check import check_site
 
     report = check_site(args.site_config, overrides=args.overrides, site=args.site, config=args.config, full=args.full, workers=args.workers)
     print(report.text())
@@ -158,7 +158,7 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> None:
-    from bsf.fl.export import export_global_encoder
+    from bsf.federation.export import export_global_encoder
 
     written = export_global_encoder(args.model, args.out, force=args.force)
     print(f"wrote the encoder checkpoint {written}")

@@ -1,7 +1,7 @@
 """``bsf demo`` / ``make demo``: Stage 1 SSL centrally, then the whole Stage 1 -> 2 -> 3 pipeline federated.
 
 Part 1 trains the test-size SSL model on synthetic UKB-like brains in this process (the ``bsf train``
-path) and plots it. Part 2 is :mod:`bsf.fl.chain` at its CPU-demo size: five simulated sites (2 UKB-,
+path) and plots it. Part 2 is :mod:`bsf.pipeline.chain` at its CPU-demo size: five simulated sites (2 UKB-,
 2 BraTS-, 1 ATLAS-like), every stage an NVFlare job in ``nvflare simulator``, each started from the
 previous stage's global model, and a report with loss curves, Dice per round and a prediction overlay.
 """
@@ -35,8 +35,8 @@ def run_demo(out: Path, *, subjects: int = 4, steps: int = 60, pipeline: bool = 
 
 
 def run_pipeline(out: Path) -> dict:
-    """:func:`bsf.fl.chain.run_chain` at demo size; prints each stage's time and the Stage 3 Dice."""
-    from bsf.fl.chain import ChainConfig, run_chain
+    """:func:`bsf.pipeline.chain.run_chain` at demo size; prints each stage's time and the Stage 3 Dice."""
+    from bsf.pipeline.chain import ChainConfig, run_chain
 
     print("Stage 1 -> 2 -> 3 federated in the NVFlare simulator (2 UKB-, 2 BraTS-, 1 ATLAS-like site) ...", flush=True)
     summary = run_chain(ChainConfig.demo(out))

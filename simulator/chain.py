@@ -3,7 +3,7 @@
     python simulator/chain.py --out chain_out            # CPU-demo size
     python simulator/chain.py --out /tmp/chain --tiny    # smoke test
 
-The same command as ``bsf chain`` (logic: bsf.fl.chain); see ``bsf chain --help``.
+The same command as ``bsf chain`` (logic: bsf.pipeline.chain); see ``bsf chain --help``.
 """
 
 import sys

@@ -1,6 +1,6 @@
 """A real NVFlare deployment on loopback (POC mode): provisioned kits, mTLS, a server and 2 client processes.
 
-One deployment runs a tiny Stage 1 job end to end through :func:`bsf.fl.deploy.run.run_poc` (the path
+One deployment runs a tiny Stage 1 job end to end through :func:`bsf.pipeline.poc_run.run_poc` (the path
 ``bsf deploy poc`` takes) and is stopped by it; the tests then read what it left: the global model,
 the metrics, and each site's privacy audit of what it sent. No process may outlive the module.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bsf.fl.deploy.processes import kill_under, processes_under
-from bsf.fl.deploy.run import run_poc
+from bsf.pipeline.poc_run import run_poc
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ import yaml
 
 from bsf.cli import main as bsf_main
 from bsf.fl.deploy.poc import DeploymentError
-from bsf.fl.deploy.resume import export_resume_job, last_completed_round
+from bsf.pipeline.resume import export_resume_job, last_completed_round
 from bsf.fl.jobs import COMMITTED_JOBS
-from bsf.fl.run_folders import ROUND_KEY, global_model
+from bsf.federation.run_folders import ROUND_KEY, global_model
 
 
 def _server_run(tmp_path: Path, last_round: int | None) -> Path:

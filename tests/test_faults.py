@@ -4,7 +4,7 @@
   cannot finish round 0, and is killed once the server has sent it that task, so no timing decides): with ``min_clients=1`` the
   round completes with the other site and so does the job; with ``min_clients=2`` NVFlare aborts the
   job (``Alive clients 1 < required min 2``) and the server log names the dead site;
-* the server killed mid-job: after a restart, :func:`bsf.fl.deploy.resume.export_resume_job` continues from
+* the server killed mid-job: after a restart, :func:`bsf.pipeline.resume.export_resume_job` continues from
   the last persisted global model and round;
 * a site that diverges (its own configuration sets a huge learning rate): its NaN/Inf update is rejected at
   the server by name, the global model stays finite (the checks: ``tests/test_fl_units.py``).
@@ -27,7 +27,7 @@ import yaml
 
 from bsf.fl.deploy.poc import PocDeployment
 from bsf.fl.deploy.processes import kill_under, processes_under
-from bsf.fl.deploy.resume import export_resume_job
+from bsf.pipeline.resume import export_resume_job
 from bsf.fl.deploy.targets import target_sites
 from bsf.config import FederationConfig
 from bsf.fl.jobs import JobSpec, export_job

@@ -56,7 +56,7 @@ def test_initial_global_model_equals_engine_initialisation(tmp_path):
     """The server's seeded initial encoder is bit-identical to what an Engine starts with."""
     from bsf.data.synth import synthesize
     from bsf.engine import Engine, load_config
-    from bsf.fl.model_init import initial_weights
+    from bsf.federation.initial_model import initial_weights
 
     synthesize("ukb", 2, tmp_path / "d", spacing=4.0, seed=0)
     cfg = load_config(JOBS / "stage1" / "app" / "config" / "bsf_run.yaml", overrides=[f"data.root={tmp_path / 'd'}"])

@@ -75,7 +75,7 @@ def load_model(path: Path) -> dict[str, np.ndarray]:
 
 def initial_encoder(job: Path) -> dict[str, np.ndarray]:
     from bsf.engine import load_config
-    from bsf.fl.model_init import initial_weights
+    from bsf.federation.initial_model import initial_weights
 
     return initial_weights(load_config(job / "app" / "config" / "bsf_run.yaml"), "encoder")
 
@@ -136,7 +136,7 @@ def test_two_site_stage1_job(tmp_path, site_data):
         assert np.isfinite(cse[site]["SRV_FL_global_model.pt"]["val_reconstruction_l1"])
 
     # the global model becomes an encoder checkpoint for the next stage
-    from bsf.fl.export import export_global_encoder
+    from bsf.federation.export import export_global_encoder
 
     out = export_global_encoder(ws, tmp_path / "encoder.pt")
     enc = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]

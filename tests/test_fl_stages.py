@@ -4,7 +4,7 @@ Unit tests (seconds): where each job's initial global model comes from (the prev
 adapted by modality name on the server; a clear error when it is missing or does not fit), which
 metric selects the best model (and in which direction), the cross-site table, and dataset-aware
 site synthesis. Slow tests (about 3 minutes on 2 CPU cores): the chained pipeline at tiny size
-(``bsf.fl.chain``, 5 simulator runs) and the committed ``jobs/stage3_brats`` refusing to start
+(``bsf.pipeline.chain``, 5 simulator runs) and the committed ``jobs/stage3_brats`` refusing to start
 without a previous model. They check artifacts, not only exit codes.
 """
 
@@ -25,7 +25,7 @@ from bsf.engine import build_model, load_config
 from bsf.errors import CheckpointError
 from bsf.fl.crosssite import cross_site_table, format_markdown, write_cross_site_table
 from bsf.fl.jobs import COMMITTED_JOBS, job_run_config, job_selection_metric
-from bsf.fl.model_init import ENV_PRETRAINED, initial_global_weights, load_global_model
+from bsf.federation.initial_model import ENV_PRETRAINED, initial_global_weights, load_global_model
 from bsf.model import SSLModel
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -151,7 +151,7 @@ def test_cross_site_table_rows_models_columns_sites(tmp_path):
 def test_unconfigured_site_synthesises_the_jobs_data_set(tmp_path):
     """A Stage 2/3 BraTS site without data synthesises BraTS-like cases (with tumour labels), not UKB."""
     from bsf.data.layouts import find_brats_cases
-    from bsf.fl.site import SiteConfig, SyntheticData, prepare_site_data, resolve_site
+    from bsf.federation.site_config import SiteConfig, SyntheticData, prepare_site_data, resolve_site
 
     assert resolve_site("site-9", tmp_path, environ={}).synthesises  # nothing configured -> synthesise
     site = prepare_site_data(SiteConfig(site="site-9", synthetic=SyntheticData(subjects=2, spacing=6.0)), "brats", tmp_path)
@@ -166,7 +166,7 @@ def test_unconfigured_site_synthesises_the_jobs_data_set(tmp_path):
 def chain(tmp_path_factory):
     """Stage 1 -> 2 -> 3 (BraTS and ATLAS) at tiny size: 2 UKB-, 2 BraTS-, 1 ATLAS-like site, 3 subjects each
     at 3 mm; Stages 1-2 one round of one step, Stage 3 two rounds of one step (about 2.5 minutes)."""
-    from bsf.fl.chain import ChainConfig, run_chain
+    from bsf.pipeline.chain import ChainConfig, run_chain
 
     cfg = ChainConfig.tiny(tmp_path_factory.mktemp("chain"))
     return cfg, run_chain(cfg)  # each stage's job names the model it starts from; BSF_SITE_CONFIG maps the sites

@@ -7,7 +7,7 @@ import pytest
 
 from bsf.errors import ConfigError
 from bsf.fl.aggregation import CheckedFedAvgAggregator, WeightedMean, check_update, update_weight, weighted_average
-from bsf.fl.site import ENV_SITE_CONFIG, SyntheticData, resolve_site, site_seed
+from bsf.federation.site_config import ENV_SITE_CONFIG, SyntheticData, resolve_site, site_seed
 
 REF = {"swinViT.a": (2, 3), "swinViT.b": (4,)}
 
@@ -174,8 +174,8 @@ def test_export_global_encoder_and_initial_checkpoint(tmp_path):
     import torch
 
     from bsf.engine import load_config
-    from bsf.fl.export import export_global_encoder
-    from bsf.fl.model_init import checkpoint_weights, initial_weights
+    from bsf.federation.export import export_global_encoder
+    from bsf.federation.initial_model import checkpoint_weights, initial_weights
 
     cfg = load_config("stage1_test")
     enc = initial_weights(cfg, "encoder")

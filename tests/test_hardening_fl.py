@@ -99,7 +99,7 @@ def test_a_real_site_result_leaves(stage1_config, tmp_path):
     (The train result's validation metrics are the validate task's: checked once, on the validate result.)
     """
     from bsf.engine import Engine
-    from bsf.fl.trainer import FLSettings, SiteTrainer
+    from bsf.federation.site_trainer import FLSettings, SiteTrainer
 
     config = stage1_config("data.crops_per_volume=1", "optim.warmup_steps=1")
     trainer = SiteTrainer(Engine(config), FLSettings(local_steps=1, validate_global=False), site="site-1")

@@ -95,7 +95,7 @@ def test_model_pretrained_with_non_finite_weights_is_refused_naming_file_and_ten
 
 
 def test_the_servers_previous_stage_model_with_nan_is_refused(tmp_path):
-    from bsf.fl.model_init import initial_global_weights
+    from bsf.federation.initial_model import initial_global_weights
 
     path = tmp_path / "FL_global_model.pt"
     torch.save({"model": _encoder_with(math.nan)}, path)

@@ -1,4 +1,4 @@
-"""The typed site configuration (bsf.fl.site.SiteConfig): strict keys naming the file, values type-checked by the
+"""The typed site configuration (bsf.federation.site_config.SiteConfig): strict keys naming the file, values type-checked by the
 run config's loader after the merge, site maps, the ``overrides:`` list merged as parsed values, and the merged run
 config equal to what the former ``key=value`` string path produced."""
 
@@ -11,10 +11,10 @@ import yaml
 
 from bsf.config import load_config
 from bsf.errors import ConfigError
-from bsf.fl import run_folders
+from bsf.federation import run_folders
 from bsf.fl.client import SitePaths, site_run_config
 from bsf.fl.deploy.kit import check_site_config
-from bsf.fl.site import ENV_SITE_CONFIG, SiteConfig, SyntheticData, load_with_site, resolve_site, site_seed
+from bsf.federation.site_config import ENV_SITE_CONFIG, SiteConfig, SyntheticData, load_with_site, resolve_site, site_seed
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE3_BRATS_RUN = REPO / "jobs" / "stage3_brats" / "app" / "config" / run_folders.RUN_CONFIG_FILE

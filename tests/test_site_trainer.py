@@ -1,4 +1,4 @@
-"""The site side of a round (:class:`bsf.fl.trainer.SiteTrainer`) in-process, without NVFlare.
+"""The site side of a round (:class:`bsf.federation.site_trainer.SiteTrainer`) in-process, without NVFlare.
 
 What a consortium relies on: a site that restarts mid-job continues from its own state exactly; evaluating
 someone else's model leaves the site's weights alone; ``transfer`` and ``transfer_dtype`` send what they say;
@@ -15,7 +15,7 @@ import torch
 
 from bsf.config import FederationConfig
 from bsf.engine import Engine
-from bsf.fl.trainer import SiteTrainer
+from bsf.federation.site_trainer import SiteTrainer
 
 #: one crop per volume: the cheapest SSL step that still has two views per crop
 FAST = ("data.crops_per_volume=1", "optim.warmup_steps=1")

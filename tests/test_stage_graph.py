@@ -16,12 +16,12 @@ import yaml
 
 from bsf.config import load_config
 from bsf.errors import ConfigError
-from bsf.fl import run_folders
+from bsf.federation import run_folders
 from bsf.fl.client import SitePaths, site_run_config
 from bsf.fl.jobs import COMMITTED_JOBS, job_for_stage, job_run_config
-from bsf.fl.model_init import initial_global_weights
+from bsf.federation.initial_model import initial_global_weights
 from bsf.model import SSLModel
-from bsf.stages import STAGES, StageError, ancestors, plan, start_point
+from bsf.federation.stages import STAGES, StageError, ancestors, plan, start_point
 
 EMBED = "swinViT.patch_embed.proj.weight"
 
@@ -120,7 +120,7 @@ class FakePoc:
 
 @pytest.fixture
 def fake_poc(monkeypatch, tmp_path):
-    import bsf.fl.deploy.run as run
+    import bsf.pipeline.poc_run as run
     import bsf.fl.jobs as jobs
 
     FakePoc.submitted, FakePoc.started = [], False

@@ -7,7 +7,7 @@ site code sends them (every entry as float32, including the Swin blocks' constan
 ``relative_position_index`` buffers), not only trainable parameters.
 
 Convergence: a 2-site FedAvg on the synthetic benchmark data through the real site code
-(:class:`bsf.fl.trainer.SiteTrainer` around an :class:`bsf.engine.Engine`, weight differences of the
+(:class:`bsf.federation.site_trainer.SiteTrainer` around an :class:`bsf.engine.Engine`, weight differences of the
 encoder, step-weighted :class:`bsf.fl.aggregation.WeightedMean`), once with float32 and once with
 float16 differences, same seeds. Reported: each round's mean training loss for both, the largest
 loss difference, and the final global encoders' relative difference ||a - b|| / ||a||.
@@ -23,7 +23,7 @@ from bsf.bench.synthetic import stage1_config
 from bsf.engine import Engine
 from bsf.errors import BSFError
 from bsf.fl.aggregation import WeightedMean, check_update
-from bsf.fl.trainer import FLSettings, SiteTrainer
+from bsf.federation.site_trainer import FLSettings, SiteTrainer
 from bsf.model import MODEL_SIZES, SSLModel, build_swin_unetr
 
 SITES = 2

@@ -5,7 +5,7 @@ A run lives in ``OUT/runs/<name>/``:
 * ``datalist.json``: its training cases and held-out (``validation``) cases, absolute paths;
 * ``config.yaml``: the resolved :class:`~bsf.config.RunConfig` (preset + experiment overrides + the run's own);
 * ``train/``: what :func:`bsf.train.train` writes (checkpoints, ``summary.json``, TensorBoard); with ``--federated``
-  ``fl/`` instead: the one-site NVFlare simulator workspace (:mod:`bsf.experiments.federated`);
+  ``fl/`` instead: the one-site NVFlare simulator workspace (:mod:`bsf.pipeline.one_site`);
 * ``eval/``: what :func:`bsf.evaluate.evaluate` writes for the held-out cases (``metrics.csv``, ``summary.json``);
 * ``metrics.json``: written last and atomically. It marks the run finished: a rerun of the experiment skips
   the run (after checking its config and cases are unchanged); a run folder without it is deleted and redone.
@@ -159,7 +159,7 @@ def execute_run(experiment: Experiment, run: RunSpec, run_dir: Path, config: Run
     _write_yaml(config.to_dict(), run_dir / CONFIG)
     started = time.perf_counter()
     if experiment.federated_local_steps:
-        from bsf.experiments.federated import train_federated
+        from bsf.pipeline.one_site import train_federated
 
         models, losses = train_federated(config, run_dir / CONFIG, run_dir, experiment.federated_local_steps), []
     else:

@@ -7,7 +7,7 @@ lives as long as the job: receive the global model -> load the aggregated part -
 
 Everything the site needs comes from the job's run config (``config/bsf_run.yaml``): its
 ``federation:`` section (local steps, scope, transfer, ...) and the training settings, with the site's
-own data location merged in (:mod:`bsf.fl.site`). The entry script takes no arguments.
+own data location merged in (:mod:`bsf.federation.site_config`). The entry script takes no arguments.
 
 Tasks: ``train`` (above), ``validate`` (metrics of a received model on the site's validation
 cases; cross-site evaluation), ``submit_model`` (the site's current aggregated part).
@@ -23,9 +23,9 @@ from typing import Any
 
 from bsf.config import RunConfig
 from bsf.errors import ConfigError
-from bsf.fl.run_folders import RUN_CONFIG_FILE
-from bsf.fl.site import load_with_site, prepare_site_data, resolve_site
-from bsf.fl.trainer import SiteTrainer
+from bsf.federation.run_folders import RUN_CONFIG_FILE
+from bsf.federation.site_config import load_with_site, prepare_site_data, resolve_site
+from bsf.federation.site_trainer import SiteTrainer
 
 log = logging.getLogger(__name__)
 

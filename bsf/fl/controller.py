@@ -29,7 +29,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 from bsf.fl.aggregation import CheckedFedAvgAggregator, non_finite_tensors
-from bsf.fl.run_folders import ROUNDS_FILE
+from bsf.federation.run_folders import ROUNDS_FILE
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@
     nvflare simulator jobs/stage1 -w /tmp/ws -n 2 -t 2
     BSF_PRETRAINED=/abs/stage1/FL_global_model.pt nvflare simulator jobs/stage2_brats -w /tmp/ws2 -n 2 -t 2
 
-A job is one stage of the graph (:mod:`bsf.stages`) with a typed ``federation:`` section
+A job is one stage of the graph (:mod:`bsf.federation.stages`) with a typed ``federation:`` section
 (:class:`bsf.config.FederationConfig`) written into its run config ``config/bsf_run.yaml``, which the
 server and every site read. The server runs :class:`~bsf.fl.controller.CheckedFedAvg` (FedAvg, checked
 aggregation of the ``scope`` part, weights by steps or cases) with
@@ -22,9 +22,9 @@ table (:mod:`bsf.fl.crosssite`); every site runs the thin entry script ``bsf_cli
 package at every site, so no library code is copied into ``custom/``.
 
 A stage that follows another (``stage2_*`` follow ``stage1``, ``stage3_*`` their ``stage2_*``) starts
-from that stage's global model: the job's :class:`~bsf.stages.StartPoint` (its file, a server-side
+from that stage's global model: the job's :class:`~bsf.federation.stages.StartPoint` (its file, a server-side
 path, and its modalities, which become ``model.pretrained_modalities``); a committed job has none and
-takes ``$BSF_PRETRAINED`` on the server (see :func:`bsf.fl.model_init.initial_global_weights`), else it
+takes ``$BSF_PRETRAINED`` on the server (see :func:`bsf.federation.initial_model.initial_global_weights`), else it
 stops at start with a message saying so.
 
 Simulator note: give ``-t`` equal to ``-n``. With fewer threads than sites NVFlare restarts a
@@ -49,9 +49,9 @@ import yaml
 
 from bsf.config import SCOPES, TRANSFER_DTYPES, TRANSFERS, WEIGHTINGS, FederationConfig
 from bsf.errors import ConfigError
-from bsf.fl import run_folders
-from bsf.fl.run_folders import RUN_CONFIG_FILE
-from bsf.stages import STAGES, StartPoint, get_stage, start_point
+from bsf.federation import run_folders
+from bsf.federation.run_folders import RUN_CONFIG_FILE
+from bsf.federation.stages import STAGES, StartPoint, get_stage, start_point
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class JobSpec:
     """Everything that defines one federated job: a stage of the graph, its run config and its federation."""
 
     name: str = "stage1"
-    stage: str = "stage1"  # a stage of bsf.stages.STAGES: what the job trains and whose model it starts from
+    stage: str = "stage1"  # a stage of bsf.federation.stages.STAGES: what the job trains and whose model it starts from
     run_config: str = "stage1_test"  # preset name or YAML path
     federation: FederationConfig = field(default_factory=FederationConfig)
     run_overrides: list[str] = field(default_factory=list)
@@ -113,7 +113,7 @@ COMMITTED_JOBS: dict[str, JobSpec] = {
 
 
 def job_for_stage(name: str, models: dict[str, str | Path], **federation: Any) -> JobSpec:
-    """The committed job of stage ``name`` starting from the model :func:`bsf.stages.start_point` finds in ``models``."""
+    """The committed job of stage ``name`` starting from the model :func:`bsf.federation.stages.start_point` finds in ``models``."""
     spec = COMMITTED_JOBS[name]
     spec = replace(spec, start=start_point(spec.stage, models))
     return spec.with_federation(**federation) if federation else spec
@@ -185,7 +185,7 @@ def _check_stage(spec: JobSpec, config: Any, source: str) -> None:
 def job_selection_metric(spec: JobSpec) -> tuple[str, bool]:
     """The validation metric that picks ``best_FL_global_model.pt`` for ``spec``'s stage, and whether lower is better."""
     from bsf.engine import load_config
-    from bsf.fl.model_init import selection_metric
+    from bsf.federation.initial_model import selection_metric
 
     return selection_metric(load_config(job_run_config(spec)))
 

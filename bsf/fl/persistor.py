@@ -17,7 +17,7 @@ initial global model is not a model object in the job config but
 
 With ``require_pretrained`` (the Stage 2 and 3 jobs) a missing previous model stops the job at
 start with a message saying how to set it; a missing, unreadable or incompatible file always does
-(never a silent random start). See :func:`bsf.fl.model_init.initial_global_weights`.
+(never a silent random start). See :func:`bsf.federation.initial_model.initial_global_weights`.
 
 The global model holds only the aggregated keys; site-only parts (SSL heads) never reach it, and a
 global model with a NaN/Inf tensor is never written (the file keeps the previous one).
@@ -35,8 +35,8 @@ from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
 
 from bsf.fl.aggregation import non_finite_tensors
-from bsf.fl.model_init import initial_global_weights
-from bsf.fl.run_folders import BEST_MODEL, GLOBAL_MODEL, ROUND_KEY
+from bsf.federation.initial_model import initial_global_weights
+from bsf.federation.run_folders import BEST_MODEL, GLOBAL_MODEL, ROUND_KEY
 
 
 class BSFModelPersistor(PTFileModelPersistor):

@@ -44,7 +44,7 @@ def _read_resources(local: Path) -> dict[str, Any]:
 def check_site_config(path: str | os.PathLike, site: str) -> str:
     """Validate a site YAML as the site's client will read it (keys, and values merged into the default run config);
     returns a one-line summary."""
-    from bsf.fl.site import ENV_SITE_CONFIG, load_with_site, resolve_site
+    from bsf.federation.site_config import ENV_SITE_CONFIG, load_with_site, resolve_site
 
     path = Path(path)
     if not path.is_file():
@@ -73,7 +73,7 @@ def write_client_local(
     atomic_write_json(privacy_policy(dp), local / PRIVACY)
     atomic_write_json(authorization_policy(), local / AUTHORIZATION)
     if site_config is not None:
-        from bsf.fl.site import LOCAL_SITE_FILE
+        from bsf.federation.site_config import LOCAL_SITE_FILE
 
         log.info("site %s: %s", site, check_site_config(site_config, site))
         with atomic_path(local / LOCAL_SITE_FILE) as tmp:

@@ -64,7 +64,7 @@ WEIGHT_DTYPES = FLOAT_DTYPES
 #: BraTS regions in the names :meth:`bsf.engine.segmentation.SegmentationTask.dice` gives them
 #: (``bsf.metrics.BRATS_REGIONS`` lower-cased; a test checks they agree)
 BRATS_REGION_NAMES = ("tc", "wt", "et")
-#: :meth:`bsf.fl.trainer.SiteTrainer.train` adds the mean training loss of the round
+#: :meth:`bsf.federation.site_trainer.SiteTrainer.train` adds the mean training loss of the round
 TRAIN_METRICS = ("train_loss",)
 #: :meth:`bsf.engine.tasks.SSLTask.validate` (Stage 1 and 2)
 SSL_METRICS = ("val_loss", "val_rotation", "val_reconstruction_l1", "val_contrastive")
@@ -381,7 +381,7 @@ def describe_result(
 def model_shapes_from_run_config(run_config: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Key -> shape of every tensor of the model a job's run config builds (no data needed)."""
     from bsf.engine import load_config
-    from bsf.fl.model_init import build_initial_model
+    from bsf.federation.initial_model import build_initial_model
 
     model = build_initial_model(load_config(run_config))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

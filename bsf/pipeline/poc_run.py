@@ -1,9 +1,9 @@
 """The POC path end to end: prepare, start, submit the stage jobs in order, wait, collect, stop (also on failure).
 
 ``bsf deploy poc --out poc_out`` (or ``provisioning/poc.sh``) calls :func:`run_poc`. The listed stage
-jobs (:data:`bsf.fl.jobs.COMMITTED_JOBS`) run in the order of the stage graph (:mod:`bsf.stages`),
+jobs (:data:`bsf.fl.jobs.COMMITTED_JOBS`) run in the order of the stage graph (:mod:`bsf.federation.stages`),
 with the requested rounds and steps; each stage that follows another starts from the downloaded
-global model :func:`bsf.stages.start_point` finds: the nearest stage up its line that ran (so
+global model :func:`bsf.federation.stages.start_point` finds: the nearest stage up its line that ran (so
 ``stage2_atlas`` after ``stage2_brats`` starts from ``stage1``, and ``stage3_brats`` straight after
 ``stage1`` from ``stage1``'s model, channels adapted). The model is a server-side path baked into the
 job. What it leaves in ``out``::
@@ -24,9 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from bsf.fl import run_folders
+from bsf.federation import run_folders
 from bsf.fl.deploy.poc import DeploymentError, PocDeployment
-from bsf.stages import plan, start_point
+from bsf.federation.stages import plan, start_point
 
 log = logging.getLogger(__name__)
 

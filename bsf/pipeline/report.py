@@ -22,9 +22,9 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from bsf.evaluate import predict_validation_case  # noqa: E402
-from bsf.fl.run_folders import METRICS_FILE, RUN_CONFIG_FILE  # noqa: E402
+from bsf.federation.run_folders import METRICS_FILE, RUN_CONFIG_FILE  # noqa: E402
 from bsf.io import atomic_path  # noqa: E402
-from bsf.stages import get_stage  # noqa: E402
+from bsf.federation.stages import get_stage  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _fmt(value: float | None) -> str:
 def write_report(cfg: Any, summary: dict[str, Any]) -> dict[str, Path]:
     """Write ``<out>/report/{report.md, loss_curves.png, dice_per_round.png, overlay.png}``; fill ``summary`` with Dice values."""
     from bsf.engine import load_config
-    from bsf.fl.model_init import change_from_initial
+    from bsf.federation.initial_model import change_from_initial
 
     out = cfg.out / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def write_report(cfg: Any, summary: dict[str, Any]) -> dict[str, Path]:
         f"Synthetic sites ({cfg.subjects} subjects each at {cfg.spacing:g} mm, one of them the site's validation case): "
         + ", ".join(f"{site} ({DATASET_NAMES.get(site.split('-')[0], site)}-like)" for site in summary["sites"])
         + ". Every stage is an NVFlare job run with `nvflare simulator`; each starts from the previous stage's "
-        "global model (the stage graph of `bsf.stages`), adapted by modality name on the server before round 0.",
+        "global model (the stage graph of `bsf.federation.stages`), adapted by modality name on the server before round 0.",
         "",
         "| job | sites | rounds x local steps | aggregated | starts from | max abs change of the global model | seconds |",
         "|---|---|---|---|---|---:|---:|",

@@ -8,9 +8,9 @@
 
 Simulated sites hold synthetic data of one kind (default 2 UKB-like, 2 BraTS-like, 1 ATLAS-like),
 written once under ``<out>/data/<site>/`` and mapped to the sites by ``<out>/sites.yaml``
-(``BSF_SITE_CONFIG``). The stages are those of the graph (:mod:`bsf.stages`) whose data sets are
+(``BSF_SITE_CONFIG``). The stages are those of the graph (:mod:`bsf.federation.stages`) whose data sets are
 targets, run as the committed jobs do (``bsf.fl.jobs.COMMITTED_JOBS``), exported with this run's sizes
-and the model each starts from (:func:`bsf.stages.start_point`) to ``<out>/jobs/`` and started with
+and the model each starts from (:func:`bsf.federation.stages.start_point`) to ``<out>/jobs/`` and started with
 ``nvflare simulator`` exactly as a user would:
 
 =============  ==========  ====================  ===============================================
@@ -47,11 +47,11 @@ from typing import Any
 import yaml
 
 from bsf.errors import BSFError
-from bsf.fl import run_folders
+from bsf.federation import run_folders
 from bsf.fl.crosssite import write_cross_site_table
 from bsf.fl.jobs import COMMITTED_JOBS, JobSpec, export_job
-from bsf.fl.site import ENV_SITE_CONFIG, site_seed
-from bsf.stages import STAGES, Stage, StartPoint, plan, start_point
+from bsf.federation.site_config import ENV_SITE_CONFIG, site_seed
+from bsf.federation.stages import STAGES, Stage, StartPoint, plan, start_point
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def prepare_data(cfg: ChainConfig) -> dict[str, Path]:
             entries[site] = {"data": {"dataset": dataset, "root": str(root), "datalist": None}}
     site_map = cfg.out / "sites.yaml"
     site_map.write_text(
-        "# Simulated sites of this chained run (written by bsf.fl.chain): site -> its synthetic data.\n"
+        "# Simulated sites of this chained run (written by bsf.pipeline.chain): site -> its synthetic data.\n"
         + yaml.safe_dump({"sites": entries}, sort_keys=False)
     )
     return roots
@@ -251,7 +251,7 @@ def run_stage(cfg: ChainConfig, stage: Stage, start: StartPoint | None) -> Stage
 # ----------------------------------------------------------------------------- the chain
 def run_chain(cfg: ChainConfig) -> dict[str, Any]:
     """Run every stage in order and write the report; returns the summary (also ``report/chain_summary.json``)."""
-    from bsf.fl.chain_report import write_report
+    from bsf.pipeline.report import write_report
 
     started = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)

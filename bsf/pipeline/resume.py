@@ -23,7 +23,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from bsf.fl import run_folders
+from bsf.federation import run_folders
 from bsf.fl.deploy.poc import DeploymentError
 
 

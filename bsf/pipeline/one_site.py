@@ -1,11 +1,11 @@
 """A run's Stage 3 training as a one-site NVFlare federation in the simulator (``bsf experiment ... --federated``).
 
 The run's resolved config (``RUN_DIR/config.yaml``) becomes the job of its stage of the graph
-(``stage3_brats`` or ``stage3_atlas``, :mod:`bsf.stages`): whole network aggregated, ``train.steps / local_steps``
+(``stage3_brats`` or ``stage3_atlas``, :mod:`bsf.federation.stages`): whole network aggregated, ``train.steps / local_steps``
 rounds, run by :func:`bsf.fl.jobs.simulate` with one site, ``site-1``, whose site configuration
 (``RUN_DIR/site.yaml``) points it at the run's datalist. The server starts from the run's ``model.pretrained``
 (registered as the global model of the stage this one follows, with the run's ``model.pretrained_modalities``,
-and found by :func:`bsf.stages.start_point` as every driver finds it; channels adapted by name) or, for the
+and found by :func:`bsf.federation.stages.start_point` as every driver finds it; channels adapted by name) or, for the
 scratch arm, from the seeded initialisation. A one-site federation reproduces centralized training (tested in
 ``tests/test_fl_stages.py``); a multi-site protocol needs real sites, see ``docs/protocols.md``.
 """
@@ -22,7 +22,7 @@ import yaml
 
 from bsf.config import FederationConfig, RunConfig
 from bsf.errors import BSFError, ConfigError
-from bsf.stages import STAGES, StartPoint, get_stage, start_point
+from bsf.federation.stages import STAGES, StartPoint, get_stage, start_point
 
 SITE = "site-1"
 
@@ -68,9 +68,9 @@ def train_federated(config: RunConfig, config_path: Path, run_dir: Path, local_s
 
     Returns ``{"last": FL_global_model.pt, "best": best_FL_global_model.pt}`` (the server's files).
     """
-    from bsf.fl import run_folders
+    from bsf.federation import run_folders
     from bsf.fl.jobs import JobSpec, simulate
-    from bsf.fl.site import ENV_SITE_CONFIG
+    from bsf.federation.site_config import ENV_SITE_CONFIG
 
     stage = next(s.name for s in STAGES.values() if (s.kind, s.dataset) == ("finetune", config.data.dataset))
     site_file = run_dir / "site.yaml"

@@ -1,4 +1,4 @@
-"""``bsf site check``: validate a site's YAML (the format of :mod:`bsf.fl.site`) and the data it points at.
+"""``bsf site check``: validate a site's YAML (the format of :mod:`bsf.federation.site_config`) and the data it points at.
 
 Checks, in order: the YAML's keys (strictly, through the run config), the paths (data root, datalist,
 cache folder), that the cases can be found, their channel count against the job's model, then a header
@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from bsf.errors import BSFError
+from bsf.federation.site_config import ENV_SITE_CONFIG, load_with_site, resolve_site
 
 GB = 1024**3
 
@@ -53,8 +54,6 @@ def check_site(
 ) -> SiteReport:
     """Validate the site config at ``path`` merged into the job's run config ``config`` (None: the defaults), with
     ``overrides`` (``key=value`` strings) on top; raises :class:`bsf.errors.ConfigError` on bad keys/values."""
-    from bsf.fl.site import ENV_SITE_CONFIG, load_with_site, resolve_site
-
     path = Path(path)
     if not path.is_file():
         raise BSFError(f"site config {path}: no such file")

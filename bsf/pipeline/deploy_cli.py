@@ -26,7 +26,7 @@ def cmd_site_kit(args: argparse.Namespace) -> None:
 
 
 def cmd_poc(args: argparse.Namespace) -> None:
-    from bsf.fl.deploy.run import run_poc
+    from bsf.pipeline.poc_run import run_poc
 
     sites = [f"site-{i + 1}" for i in range(args.sites)]
     summary = run_poc(
@@ -42,7 +42,7 @@ def cmd_poc(args: argparse.Namespace) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
-    from bsf.fl.deploy.resume import export_resume_job
+    from bsf.pipeline.resume import export_resume_job
     from bsf.fl.jobs import COMMITTED_JOBS
 
     changes = {k: v for k, v in (("rounds", args.rounds), ("local_steps", args.local_steps)) if v is not None}
