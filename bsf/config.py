@@ -224,12 +224,15 @@ class FederationConfig:
     validate_global: bool = True  # each site validates the global model it receives, every round
     resume: bool = True  # each site keeps a per-round checkpoint and continues from it after a restart
     cross_site_eval: bool = True
+    # the sites' documented uplink in Mbit/s: NVFlare's transfer timeouts follow from it and the payload (bsf.federation.payload)
+    uplink_mbit: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
             (self.rounds >= 1, f"federation.rounds must be >= 1, got {self.rounds}"),
             (self.local_steps >= 1, f"federation.local_steps must be >= 1, got {self.local_steps}"),
             (self.min_clients >= 1, f"federation.min_clients must be >= 1, got {self.min_clients}"),
+            (self.uplink_mbit is None or self.uplink_mbit > 0, f"federation.uplink_mbit must be > 0 (Mbit/s) or null, got {self.uplink_mbit}"),
             (0 <= self.start_round < self.rounds,
              f"federation.start_round must be in [0, rounds={self.rounds}), got {self.start_round}"),
             *((getattr(self, name) in choices, f"federation.{name}: {getattr(self, name)!r} is not one of {', '.join(choices)}")

@@ -3,7 +3,8 @@
 ``SiteTrainer`` keeps one :class:`bsf.engine.Engine` for the whole job, so optimiser state,
 learning-rate schedule and data order continue across rounds exactly as in a centralized run.
 Only the aggregated part of the model (``scope``: ``encoder`` = ``swinViT.*``, or ``all``) is
-exchanged; everything else (the SSL heads) stays at the site.
+exchanged, without its constant buffers (:mod:`bsf.federation.payload`); everything else (the SSL heads) stays
+at the site.
 
 What leaves the site (see :meth:`SiteTrainer.train`): the aggregated weights or their
 difference, the step count, the number of training cases, and scalar metrics. Never images,
@@ -24,6 +25,7 @@ import numpy as np
 
 from bsf.config import FederationConfig
 from bsf.errors import CheckpointError
+from bsf.federation.payload import exchanged
 from bsf.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,8 @@ class SiteTrainer:
         self.rounds_done: int = -1  # the last round this site trained
         # (what the server makes of this site's last update alone, this site's exact weights)
         self._round_trip: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
-        self.scope_keys = sorted(engine.get_weights(settings.scope))
+        # what a round exchanges: the scope minus constant buffers (bsf.federation.payload)
+        self.scope_keys = sorted(exchanged(engine.get_weights(settings.scope)))
 
     # ------------------------------------------------------------------ resume
     def maybe_resume(self, current_round: int | None = None) -> bool:
@@ -224,6 +227,6 @@ class SiteTrainer:
             self.engine.set_weights(backup)
 
     def local_model(self) -> dict[str, np.ndarray]:
-        """The site's current aggregated part (served to cross-site evaluation)."""
+        """The site's current aggregated part, as a round exchanges it (served to cross-site evaluation)."""
         self.maybe_resume(None)
-        return self.engine.get_weights(self.settings.scope)
+        return exchanged(self.engine.get_weights(self.settings.scope))

@@ -283,7 +283,27 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
 
     recipe = _BSFRecipe(job)
     recipe.framework = FrameworkType.NUMPY
+    if fed.uplink_mbit:
+        recipe.add_client_config(transfer_config(spec))
     return recipe
+
+
+def transfer_config(spec: JobSpec) -> dict[str, float]:
+    """The sites' NVFlare timeouts for ``spec``'s round payload at ``federation.uplink_mbit``
+    (:func:`bsf.federation.payload.transfer_timeouts`): ``submit_task_result_timeout`` (the upload) and
+    ``get_task_timeout`` (the global model's download), top-level keys of ``config_fed_client.json``."""
+    from bsf.engine import load_config
+    from bsf.federation.payload import round_bytes, transfer_timeouts
+
+    fed = spec.federation
+    down, up = round_bytes(load_config(job_run_config(spec)), fed.scope, fed.transfer_dtype)
+    timeouts = transfer_timeouts(down, up, fed.uplink_mbit)
+    log.info(
+        "job %s: %.1f MB down, %.1f MB up per site and round; at %g Mbit/s %.0f s up: submit timeout %.0f s, "
+        "get-task timeout %.0f s", spec.name, down / 1e6, up / 1e6, fed.uplink_mbit, timeouts.upload_seconds,
+        timeouts.submit, timeouts.download,
+    )
+    return {"submit_task_result_timeout": timeouts.submit, "get_task_timeout": timeouts.download}
 
 
 def _allowed_files(job_dir: Path) -> set[str]:

@@ -20,7 +20,11 @@ start with a message saying how to set it; a missing, unreadable or incompatible
 (never a silent random start). See :func:`bsf.federation.initial_model.initial_global_weights`.
 
 The global model holds only the aggregated keys; site-only parts (SSL heads) never reach it, and a
-global model with a NaN/Inf tensor is never written (the file keeps the previous one).
+global model with a NaN/Inf tensor is never written (the file keeps the previous one). The constant
+buffers (:data:`bsf.federation.payload.CONSTANT_BUFFERS`, the Swin blocks' ``relative_position_index``)
+are kept in the saved files, so they stay complete checkpoints, but never sent (``exclude_vars``):
+every round's global model, the model cross-site evaluation sends and what the aggregator checks
+results against hold the exchanged keys only.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersisten
 
 from bsf.fl.aggregation import non_finite_tensors
 from bsf.federation.initial_model import initial_global_weights
+from bsf.federation.payload import CONSTANT_BUFFERS
 from bsf.federation.run_folders import BEST_MODEL, GLOBAL_MODEL, ROUND_KEY
 
 
@@ -68,6 +73,7 @@ class BSFModelPersistor(PTFileModelPersistor):
         super().__init__(
             global_model_file_name=global_model_file_name,
             best_global_model_file_name=best_global_model_file_name,
+            exclude_vars=CONSTANT_BUFFERS,
         )
         self.run_config = run_config
         self.scope = scope
@@ -117,7 +123,7 @@ class BSFModelPersistor(PTFileModelPersistor):
         self.persistence_manager = PTModelPersistenceFormatManager(
             data, default_train_conf=self.default_train_conf, allow_numpy_conversion=True
         )
-        return self.persistence_manager.to_model_learnable(None)
+        return self.persistence_manager.to_model_learnable(self.exclude_vars)
 
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext) -> None:
         """Persist the global model with the round it is the result of (``bsf_round``, read back by resume).
