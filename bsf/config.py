@@ -191,16 +191,20 @@ class TrainConfig:
 
 
 #: Choices of the federation section, each listed once (the CLI, the aggregator and the site use these).
-Algorithm = Literal["fedavg"]
+Algorithm = Literal["fedavg", "fedprox", "fedopt"]  # fedprox: proximal term at the site; fedopt: server optimiser
 Scope = Literal["encoder", "all"]  # which weights are global: the encoder (``swinViT.*``) or the whole network
 Transfer = Literal["diff", "full"]  # a site sends its weight difference or its weights
 TransferDtype = Literal["float32", "float16"]
 Weighting = Literal["steps", "cases", "uniform"]  # the FedAvg weight of a site's update
+Robust = Literal["none", "clip", "trimmed_mean", "median"]  # the server's rule against wild updates (bsf.federation.robust)
+ServerOptimizer = Literal["momentum", "adam"]  # fedopt: the server's optimiser on the aggregated difference
 ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
 SCOPES: tuple[str, ...] = typing.get_args(Scope)
 TRANSFERS: tuple[str, ...] = typing.get_args(Transfer)
 TRANSFER_DTYPES: tuple[str, ...] = typing.get_args(TransferDtype)
 WEIGHTINGS: tuple[str, ...] = typing.get_args(Weighting)
+ROBUST_RULES: tuple[str, ...] = typing.get_args(Robust)
+SERVER_OPTIMIZERS: tuple[str, ...] = typing.get_args(ServerOptimizer)
 
 
 @dataclass
@@ -226,6 +230,21 @@ class FederationConfig:
     cross_site_eval: bool = True
     # the sites' documented uplink in Mbit/s: NVFlare's transfer timeouts follow from it and the payload (bsf.federation.payload)
     uplink_mbit: float | None = None
+    # robust aggregation (see bsf.federation.robust); the rules work on differences: transfer diff
+    robust: Robust = "none"
+    clip_bound: float = 0.0  # robust clip: fixed L2 bound of an update (0: use clip_multiple)
+    clip_multiple: float = 0.0  # robust clip: bound = clip_multiple x the round's median update norm (>= 1; 0: off)
+    trim_fraction: float = 0.2  # robust trimmed_mean: fraction of the values dropped at each end, in [0, 0.5)
+    # slow sites: a round closes once min_responses results are in (0: every asked site) and
+    # wait_time_after_min_received seconds have passed; a later result is dropped and logged
+    min_responses: int = 0
+    wait_time_after_min_received: int = 0
+    fedprox_mu: float = 0.01  # algorithm fedprox: weight of the site's proximal term mu/2 ||w - w_global||^2
+    fedopt_optimizer: ServerOptimizer = "momentum"  # algorithm fedopt (Reddi et al. 2021: FedAvgM / FedAdam)
+    fedopt_lr: float = 1.0  # the server's learning rate on the aggregated difference
+    fedopt_beta1: float = 0.9  # momentum / Adam's first-moment decay
+    fedopt_beta2: float = 0.99  # Adam's second-moment decay
+    fedopt_eps: float = 1e-3  # Adam's tau (adaptivity; Reddi et al. use 1e-3)
 
     def __post_init__(self) -> None:
         checks = [
@@ -237,11 +256,41 @@ class FederationConfig:
              f"federation.start_round must be in [0, rounds={self.rounds}), got {self.start_round}"),
             *((getattr(self, name) in choices, f"federation.{name}: {getattr(self, name)!r} is not one of {', '.join(choices)}")
               for name, choices in (("algorithm", ALGORITHMS), ("scope", SCOPES), ("transfer", TRANSFERS),
-                                    ("transfer_dtype", TRANSFER_DTYPES), ("weigh_by", WEIGHTINGS))),
+                                    ("transfer_dtype", TRANSFER_DTYPES), ("weigh_by", WEIGHTINGS),
+                                    ("robust", ROBUST_RULES), ("fedopt_optimizer", SERVER_OPTIMIZERS))),
+            *self._aggregation_checks(),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def _aggregation_checks(self) -> list[tuple[bool, str]]:
+        """(ok, message) of the robust, slow-site, FedProx and FedOpt settings."""
+        finite = all(math.isfinite(getattr(self, name)) for name in
+                     ("clip_bound", "clip_multiple", "trim_fraction", "fedprox_mu", "fedopt_lr", "fedopt_beta1",
+                      "fedopt_beta2", "fedopt_eps"))
+        return [
+            (finite, "federation: clip_bound, clip_multiple, trim_fraction, fedprox_mu and fedopt_* must be finite numbers"),
+            (self.robust == "none" or self.transfer == "diff",
+             f"federation.robust: {self.robust} works on weight differences; set federation.transfer: diff"),
+            (self.clip_bound >= 0, f"federation.clip_bound must be >= 0, got {self.clip_bound}"),
+            (self.clip_multiple == 0 or self.clip_multiple >= 1,
+             f"federation.clip_multiple must be 0 (off) or >= 1, got {self.clip_multiple}"),
+            (self.robust != "clip" or (self.clip_bound > 0) != (self.clip_multiple > 0),
+             "federation.robust: clip needs exactly one of clip_bound (a fixed bound) or clip_multiple (times the "
+             f"round's median update norm); got clip_bound={self.clip_bound}, clip_multiple={self.clip_multiple}"),
+            (0 <= self.trim_fraction < 0.5, f"federation.trim_fraction must be in [0, 0.5), got {self.trim_fraction}"),
+            (self.min_responses == 0 or self.min_responses >= self.min_clients,
+             f"federation.min_responses must be 0 (every asked site) or >= min_clients={self.min_clients}, "
+             f"got {self.min_responses}"),
+            (self.wait_time_after_min_received >= 0,
+             f"federation.wait_time_after_min_received must be >= 0 seconds, got {self.wait_time_after_min_received}"),
+            (self.fedprox_mu >= 0, f"federation.fedprox_mu must be >= 0, got {self.fedprox_mu}"),
+            (self.fedopt_lr > 0, f"federation.fedopt_lr must be > 0, got {self.fedopt_lr}"),
+            (0 <= self.fedopt_beta1 < 1 and 0 <= self.fedopt_beta2 < 1,
+             f"federation.fedopt_beta1/beta2 must be in [0, 1), got {self.fedopt_beta1}, {self.fedopt_beta2}"),
+            (self.fedopt_eps > 0, f"federation.fedopt_eps must be > 0, got {self.fedopt_eps}"),
+        ]
 
     @property
     def schedule_steps(self) -> int:

@@ -20,6 +20,11 @@ an honest site runs exactly that many), a ``cases`` claim by ``max_cases``. A cl
 is **clipped to the bound** (the update still counts, as much as the largest honest one; a warning
 and the round record name the site); a missing or malformed claim (absent, not a positive finite
 real number: bool, string, Fraction, ...) weighs 1, like NVFlare's FedAvg.
+
+Robust rules (``federation.robust``: norm clipping, trimmed mean, median; :mod:`bsf.federation.robust`)
+replace the streaming mean: the aggregator keeps the round's accepted differences and applies the rule
+when the round closes; the round meta's ``robust`` entry says which rule, every site's update norm, the
+bound, and whose update was clipped by which factor.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bsf.config import WEIGHTINGS
+from bsf.config import ROBUST_RULES, WEIGHTINGS, FederationConfig
 from bsf.errors import ConfigError
+from bsf.federation.robust import RobustRule, robust_aggregate
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +216,13 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         expected_steps: the job's local steps per round: the bound of a ``steps`` claim
             (``None``: :data:`MAX_CLAIM`).
         max_cases: the largest training set a site may claim: the bound of a ``cases`` claim.
+        robust, clip_bound, clip_multiple, trim_fraction: the robust rule (``federation.*`` keys of the same
+            names; :class:`~bsf.federation.robust.RobustRule`); ``none``: the weighted mean.
     """
 
     def __init__(self, weigh_by: str = "steps", min_accepted: int = 1, expected_steps: int | None = None,
-                 max_cases: int = MAX_CLAIM):
+                 max_cases: int = MAX_CLAIM, robust: str = "none", clip_bound: float = 0.0, clip_multiple: float = 0.0,
+                 trim_fraction: float = 0.2):
         super().__init__()
         if weigh_by not in WEIGHTINGS:
             raise ConfigError(f"weigh_by must be one of {WEIGHTINGS}, got {weigh_by!r}")
@@ -224,6 +233,12 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         self.min_accepted = max(1, int(min_accepted))
         self.expected_steps = expected_steps
         self.max_cases = max_cases
+        if robust not in ROBUST_RULES:
+            raise ConfigError(f"robust must be one of {ROBUST_RULES}, got {robust!r}")
+        self.robust, self.clip_bound, self.clip_multiple, self.trim_fraction = robust, clip_bound, clip_multiple, trim_fraction
+        rule = RobustRule(robust, clip_bound, clip_multiple, trim_fraction)
+        self.rule = rule if rule.needs_all_updates else None
+        self._updates: list[tuple[str, dict[str, np.ndarray], float]] = []  # the round's updates (robust rules)
         self._mean = WeightedMean()
         self._params_type = None
         self._rejected: list[tuple[str, str]] = []
@@ -231,6 +246,12 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         self._metrics = WeightedMean()
         self._reference: dict[str, tuple[int, ...]] | None = None
         self._first_update: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def for_federation(cls, fed: FederationConfig) -> "CheckedFedAvgAggregator":
+        """The aggregator of a job's (validated) federation section."""
+        return cls(weigh_by=fed.weigh_by, min_accepted=fed.min_clients, expected_steps=fed.local_steps, robust=fed.robust,
+                   clip_bound=fed.clip_bound, clip_multiple=fed.clip_multiple, trim_fraction=fed.trim_fraction)
 
     @property
     def max_weight(self) -> float:
@@ -257,6 +278,7 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
     # -- ModelAggregator API
     def reset_stats(self) -> None:
         self._mean.reset()
+        self._updates = []
         self._metrics.reset()
         self._params_type = None
         self._rejected = []
@@ -273,6 +295,8 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
             return self.reject(site, f"unsupported params type {params_type}")
         if self._params_type is not None and params_type != self._params_type:
             return self.reject(site, f"params type {params_type} differs from this round's {self._params_type}")
+        if self.rule is not None and params_type != ParamsType.DIFF:
+            return self.reject(site, f"robust rule {self.rule.rule} needs weight differences, got {params_type}")
         problems = check_update(model.params, self._reference)
         if problems:
             return self.reject(site, "; ".join(problems))
@@ -281,8 +305,10 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
             self._notes[site] = note
             log.warning("site %s: %s", site, note)
         self._params_type = params_type
-        self._mean.add(model.params, weight, site)
-        if len(self._mean) == 1:
+        self._mean.add({} if self.rule is not None else model.params, weight, site)
+        if self.rule is not None:
+            self._updates.append((site, {k: np.asarray(v, dtype=np.float32) for k, v in model.params.items()}, weight))
+        elif len(self._mean) == 1:
             self._first_update = {k: np.asarray(v, dtype=np.float32) for k, v in model.params.items()}
         else:
             self._first_update = None
@@ -315,8 +341,15 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
             # an empty difference leaves every global key as it is
             result = FLModel(params={}, params_type=ParamsType.DIFF, meta={**meta, "round_skipped": True})
         else:
-            # one accepted update: use it bit for bit (a weighted mean of one can differ by an ulp)
-            params = self._first_update if len(accepted) == 1 and self._first_update is not None else self._mean.result()
+            if self.rule is not None:
+                params, meta["robust"] = robust_aggregate(self._updates, self.rule)
+                if meta["robust"].get("clipped"):
+                    log.warning("clipped the update(s) of %s to the norm bound %.6g", sorted(meta["robust"]["clipped"]),
+                                meta["robust"]["bound"])
+            elif len(accepted) == 1 and self._first_update is not None:
+                params = self._first_update  # one accepted update: bit for bit (a weighted mean of one can differ by an ulp)
+            else:
+                params = self._mean.result()
             result = FLModel(params=params, params_type=self._params_type, meta=meta)
             if rejected:
                 log.warning("aggregated %d update(s) without the rejected site(s) %s", len(accepted), rejected)

@@ -12,9 +12,15 @@ Differences from ``nvflare.app_common.workflows.fedavg.FedAvg``:
 * the new global model is checked before it replaces the old one: if any tensor is NaN/Inf (e.g.
   a weight difference that overflows float32 once added), the previous global model is kept for
   that round, and the round and the tensors are logged;
-* a per-round record (accepted sites and their weights, rejected sites and why, clipped weight
-  claims, whether the global model was kept) is appended to ``bsf_rounds.jsonl`` in the server's
-  run folder.
+* slow sites: with ``min_responses`` a round closes once that many sites answered and
+  ``wait_time_after_min_received`` seconds passed (NVFlare's broadcast conditions; FedAvg itself always
+  waits for every site); a result that arrives after its round closed is dropped with a log line and
+  listed as late in the record of the round it arrived in;
+* FedOpt: with ``fedopt`` (the arguments of :class:`~bsf.federation.server_opt.ServerOptimizer`) the
+  round's aggregated difference goes through the server's momentum/Adam step before it is applied;
+* a per-round record (asked, accepted and missing sites, their weights, rejected sites and why, clipped
+  weight claims, the robust rule's norms and clipped updates, late results, whether the global model was
+  kept) is appended to ``bsf_rounds.jsonl`` in the server's run folder.
 """
 
 from __future__ import annotations
@@ -26,10 +32,14 @@ from typing import Optional
 
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.fedavg import FedAvg
 
+from bsf.config import FederationConfig
 from bsf.fl.aggregation import CheckedFedAvgAggregator, non_finite_tensors
+from bsf.federation.robust import update_norm
 from bsf.federation.run_folders import ROUNDS_FILE
+from bsf.federation.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +51,36 @@ class CheckedFedAvg(FedAvg):
         aggregator: a :class:`CheckedFedAvgAggregator` (its ``weigh_by`` and ``min_accepted``
             choose the weighting and the quorum); one with defaults when omitted.
         num_clients: sites asked per round; 0 asks every connected site.
+        min_responses: results that close a round (0: every asked site); see the module docstring.
+        wait_time_after_min_received: seconds a round stays open for the others once ``min_responses`` answered.
+        fedopt: keyword arguments of :class:`~bsf.federation.server_opt.ServerOptimizer` (``None``: plain FedAvg).
         Other arguments are FedAvg's.
     """
 
-    def __init__(self, *args, aggregator: Optional[CheckedFedAvgAggregator] = None, num_clients: int = 0, **kwargs):
+    def __init__(self, *args, aggregator: Optional[CheckedFedAvgAggregator] = None, num_clients: int = 0,
+                 min_responses: int = 0, wait_time_after_min_received: int = 0, fedopt: Optional[dict] = None, **kwargs):
         if aggregator is None:
             aggregator = CheckedFedAvgAggregator()
         if not isinstance(aggregator, CheckedFedAvgAggregator):
             raise TypeError(f"aggregator must be a CheckedFedAvgAggregator, got {type(aggregator).__name__}")
         super().__init__(*args, aggregator=aggregator, num_clients=num_clients, **kwargs)
+        self.min_responses = int(min_responses)
+        self.wait_time_after_min_received = int(wait_time_after_min_received)
+        self.fedopt = fedopt
+        self._server_opt = ServerOptimizer(**fedopt) if fedopt else None
+        self._asked: list[str] = []  # the sites asked in the current round
+        self._answered: set[str] = set()  # those whose result (or error) arrived before the round closed
+        self._late: list[dict] = []  # results of closed rounds that arrived since the last record
+
+    @staticmethod
+    def federation_options(fed: FederationConfig) -> dict:
+        """This controller's own arguments for a job's (validated) federation section (slow sites, FedOpt)."""
+        fedopt = None
+        if fed.algorithm == "fedopt":
+            fedopt = {"kind": fed.fedopt_optimizer, "lr": fed.fedopt_lr, "beta1": fed.fedopt_beta1,
+                      "beta2": fed.fedopt_beta2, "eps": fed.fedopt_eps}
+        return {"min_responses": fed.min_responses, "wait_time_after_min_received": fed.wait_time_after_min_received,
+                "fedopt": fedopt}
 
     def run(self) -> None:
         # A persistor that cannot create the initial model has stopped the job (CANNOT START, system panic);
@@ -70,6 +101,28 @@ class CheckedFedAvg(FedAvg):
 
     def sample_clients(self, num_clients: int = None):
         return super().sample_clients(num_clients or None)
+
+    def send_model(self, task_name: str = "train", data: FLModel = None, targets=None, min_responses: int = None,
+                   timeout: int = 0, callback=None) -> None:
+        """FedAvg's round broadcast, closing at ``min_responses`` results plus ``wait_time_after_min_received``."""
+        self._asked = sorted(getattr(t, "name", t) for t in targets or [])
+        self._answered = set()
+        wanted = min(self.min_responses, len(self._asked)) if self._asked else self.min_responses
+        if wanted:
+            self.info(f"round {self.current_round}: closes after {wanted} of {len(self._asked)} result(s) "
+                      f"+ {self.wait_time_after_min_received} s")
+        self.broadcast_model(task_name=task_name, data=data, targets=targets, min_responses=wanted or min_responses,
+                             timeout=timeout, wait_time_after_min_received=self.wait_time_after_min_received,
+                             blocking=False, callback=callback)
+
+    def process_result_of_unknown_task(self, client, task_name: str, client_task_id: str, result, fl_ctx) -> None:
+        """A result whose round has closed (a slow site): dropped, logged, listed in the next round record."""
+        if task_name != self.task_name:
+            return super().process_result_of_unknown_task(client, task_name, client_task_id, result, fl_ctx)
+        late_round = result.get_header(AppConstants.CURRENT_ROUND, None)
+        self._late.append({"site": client.name, "round": late_round})
+        self.warning(f"DROPPED the late result of site {client.name} for round {late_round} "
+                     f"(round {self.current_round} is running; that round closed without it)")
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
         if self._params_type is None and result.params_type is not None:
@@ -94,6 +147,8 @@ class CheckedFedAvg(FedAvg):
         reached (``ignore_result_error=True``: always; ``False``: never).
         """
         rc = result.get_return_code()
+        if not is_unknown_task:
+            self._answered.add(client_name)
         if is_unknown_task or not rc or rc == ReturnCode.OK:
             return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task=is_unknown_task)
         reason = f"the site sent no update (return code {rc}"
@@ -110,6 +165,8 @@ class CheckedFedAvg(FedAvg):
     def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
         """Apply the round's aggregate; keep the previous global model if the new one is not finite."""
         previous = dict(model.params or {})
+        if self._server_opt is not None and aggr_result.params:
+            aggr_result = self._server_step(model, aggr_result)
         model = super().update_model(model, aggr_result)
         bad = non_finite_tensors(model.params or {})
         kept = None
@@ -121,6 +178,16 @@ class CheckedFedAvg(FedAvg):
                                                         metrics=aggr_result.metrics))
         self._write_round_record(aggr_result, kept)
         return model
+
+    def _server_step(self, model: FLModel, aggr_result: FLModel) -> FLModel:
+        """FedOpt: the aggregated difference (or full weights minus the global model) -> the server's step, a DIFF."""
+        diff = aggr_result.params
+        if aggr_result.params_type != ParamsType.DIFF:
+            diff = {k: v - model.params[k] for k, v in aggr_result.params.items()}
+        step = self._server_opt.step(diff)
+        meta = {**(aggr_result.meta or {}), "fedopt": {"optimizer": self._server_opt.kind, "aggregate_norm":
+                round(update_norm(diff), 6), "step_norm": round(update_norm(step), 6)}}
+        return FLModel(params=step, params_type=ParamsType.DIFF, meta=meta, metrics=aggr_result.metrics)
 
     def _write_round_record(self, result: FLModel, kept: Optional[str]) -> None:
         """Append this round's line to ``bsf_rounds.jsonl`` (never fails the round)."""
@@ -135,7 +202,14 @@ class CheckedFedAvg(FedAvg):
             "round_skipped": bool(meta.get("round_skipped", False)),
             "weigh_by": meta.get("weigh_by"),
             "metrics": result.metrics or {},
+            "asked_sites": list(self._asked),
+            "missing_sites": [site for site in self._asked if site not in self._answered],
+            "late_results": list(self._late),
         }
+        self._late = []
+        for key in ("robust", "fedopt"):
+            if key in meta:
+                record[key] = meta[key]
         if kept:
             record["global_model_kept"] = kept
         try:

@@ -257,8 +257,9 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
         num_rounds=fed.remaining_rounds,
         start_round=fed.start_round,
         persistor_id="persistor",
-        aggregator=CheckedFedAvgAggregator(weigh_by=fed.weigh_by, min_accepted=fed.min_clients, expected_steps=fed.local_steps),
+        aggregator=CheckedFedAvgAggregator.for_federation(fed),
         task_name="train",
+        **CheckedFedAvg.federation_options(fed),
     )
     job.to_server(controller, id="fedavg")
     if fed.cross_site_eval:
