@@ -15,6 +15,7 @@ import torch
 
 from bsf.config import FederationConfig
 from bsf.engine import Engine
+from bsf.federation.payload import exchanged
 from bsf.federation.site_trainer import SiteTrainer
 
 #: one crop per volume: the cheapest SSL step that still has two views per crop
@@ -48,7 +49,7 @@ def test_a_site_restarting_mid_job_resumes_from_its_own_state(stage1_config, tmp
     config = stage1_config(*FAST, "train.steps=2")
     state_dir, restarted_dir = tmp_path / "site", tmp_path / "site_after_restart"
     steady = SiteTrainer(Engine(config), _settings(), site="site-1", state_dir=state_dir)
-    global0 = steady.engine.get_weights("encoder")
+    global0 = exchanged(steady.engine.get_weights("encoder"))  # what the server sends
     update = steady.train(global0, 0).params
     shutil.copytree(state_dir, restarted_dir)  # what a process that dies after round 0 leaves behind
     # the server's average with a site that did not move: not this site's own weights
@@ -85,7 +86,7 @@ def one_round(ukb_root, tmp_path_factory):
     runs = {}
     for name, settings in {"full": _settings(transfer="full"), "diff_f16": _settings(transfer_dtype="float16")}.items():
         trainer = SiteTrainer(Engine(config), settings)
-        global0 = trainer.engine.get_weights("encoder")
+        global0 = exchanged(trainer.engine.get_weights("encoder"))
         runs[name] = (trainer.train(global0, 0), trainer, global0)
     return runs
 
@@ -94,7 +95,7 @@ def test_transfer_full_sends_the_trained_encoder_itself(one_round):
     result, trainer, global0 = one_round["full"]
     assert result.params_type == "FULL"
     assert all(v.dtype == np.float32 for v in result.params.values())
-    _assert_same_arrays(result.params, trainer.engine.get_weights("encoder"))
+    _assert_same_arrays(result.params, exchanged(trainer.engine.get_weights("encoder")))
     assert sorted(result.params) == trainer.scope_keys and all(k.startswith("swinViT.") for k in result.params)
     assert any(not np.array_equal(result.params[k], global0[k]) for k in global0)  # it trained
 
@@ -116,7 +117,7 @@ def test_one_site_federation_equals_the_centralized_run_in_process(stage1_config
     rounds, local_steps = 2, 2
     config = stage1_config(*FAST, f"train.steps={rounds * local_steps}")
     site = SiteTrainer(Engine(config), _settings(local_steps=local_steps), site="site-1")
-    global_weights = site.engine.get_weights("encoder")
+    global_weights = exchanged(site.engine.get_weights("encoder"))
     federated = []
     for current_round in range(rounds):
         result = site.train(global_weights, current_round)

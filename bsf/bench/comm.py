@@ -23,6 +23,7 @@ from bsf.bench.synthetic import stage1_config
 from bsf.engine import Engine
 from bsf.errors import BSFError
 from bsf.fl.aggregation import WeightedMean, check_update
+from bsf.federation.payload import exchanged
 from bsf.federation.site_trainer import FLSettings, SiteTrainer
 from bsf.model import MODEL_SIZES, SSLModel, build_swin_unetr
 
@@ -58,7 +59,7 @@ def fedavg(opts: Options, transfer_dtype: str, rounds: int) -> tuple[list[float]
                           transfer_dtype=transfer_dtype, validate_global=False, resume=False)
     sites = [SiteTrainer(Engine(stage1_config(opts, f"seed={opts.seed + i}")), settings, site=f"site-{i + 1}")
              for i in range(SITES)]
-    global_weights = sites[0].engine.get_weights("encoder")
+    global_weights = exchanged(sites[0].engine.get_weights("encoder"))  # what the server sends
     shapes = {k: v.shape for k, v in global_weights.items()}
     losses = []
     for current_round in range(rounds):

@@ -136,7 +136,7 @@ class SiteTrainer:
 
     # ------------------------------------------------------------------ tasks
     def _load_global(self, params: Mapping[str, Any], allow_own: bool = False) -> dict[str, np.ndarray]:
-        received = _as_float32(params)
+        received = _as_float32(exchanged(params))  # constant buffers, if a sender still has them, stay as built
         missing = sorted(set(self.scope_keys) - set(received))
         unknown = sorted(set(received) - set(self.scope_keys))
         if missing or unknown:
