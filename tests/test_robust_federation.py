@@ -199,3 +199,62 @@ def test_fedopt_controller_applies_the_server_step(tmp_path):
         np.testing.assert_allclose(global_model.params["swinViT.a"], expected, rtol=1e-6)
     record = json.loads((tmp_path / "bsf_rounds.jsonl").read_text().splitlines()[-1])
     assert record["fedopt"]["optimizer"] == "momentum"
+
+
+# ------------------------------------------------------------------ a slow site in the simulator
+SLOW_ENTRY = '''"""Test-only entry script: site-2 holds its round-0 result back, so it misses the round's cutoff."""
+import os
+import time
+
+from bsf.federation.site_trainer import SiteTrainer
+from bsf.fl.client import main
+
+_train = SiteTrainer.train
+
+
+def _slow_train(self, params, current_round):
+    result = _train(self, params, current_round)
+    if self.site == "site-2" and current_round == 0:
+        time.sleep(float(os.environ["BSF_TEST_SLOW_SECONDS"]))
+    return result
+
+
+SiteTrainer.train = _slow_train
+main()
+'''
+
+
+@pytest.mark.slow
+def test_slow_site_misses_the_cutoff_and_the_round_closes_without_it(tmp_path):
+    """min_responses=1, 1 s after it: round 0 closes with site-1 alone and names site-2 as missing.
+
+    site-2 sleeps 15 s *after* training round 0 (the test's own entry script), so whatever the machine's speed
+    its result cannot arrive before site-1's plus the 1 s cutoff. Its round-0 update never enters a global model.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from bsf.config import FederationConfig
+    from bsf.federation import run_folders
+    from bsf.fl.jobs import JobSpec, export_job
+
+    fed = FederationConfig(rounds=2, local_steps=1, min_clients=1, min_responses=1, wait_time_after_min_received=1,
+                           validate_global=False, cross_site_eval=False)
+    job = export_job(JobSpec(name="slow", federation=fed, run_overrides=["data.crops_per_volume=1"]), tmp_path / "jobs")
+    (job / "app" / "custom" / "bsf_client.py").write_text(SLOW_ENTRY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BSF_TEST_SLOW_SECONDS": "15"}
+    env.pop("BSF_SITE_CONFIG", None)
+    workspace = tmp_path / "ws"
+    nvflare = str(Path(sys.executable).with_name("nvflare"))
+    proc = subprocess.run([nvflare, "simulator", str(job), "-w", str(workspace), "-n", "2", "-t", "2"],
+                          env=env, capture_output=True, text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+
+    run_dir = run_folders.simulator_run(workspace)
+    rounds = run_folders.read_rounds(run_dir)
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[0]["accepted_sites"] == ["site-1"] and rounds[0]["missing_sites"] == ["site-2"]
+    assert rounds[0]["asked_sites"] == ["site-1", "site-2"]
+    assert run_folders.global_model(run_dir).is_file()
