@@ -198,6 +198,7 @@ TransferDtype = Literal["float32", "float16"]
 Weighting = Literal["steps", "cases", "uniform"]  # the FedAvg weight of a site's update
 Robust = Literal["none", "clip", "trimmed_mean", "median"]  # the server's rule against wild updates (bsf.federation.robust)
 ServerOptimizer = Literal["momentum", "adam"]  # fedopt: the server's optimiser on the aggregated difference
+Encryption = Literal["none", "he"]  # he: the sites encrypt their updates (CKKS); the server sums ciphertexts (bsf.fl.he)
 ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
 SCOPES: tuple[str, ...] = typing.get_args(Scope)
 TRANSFERS: tuple[str, ...] = typing.get_args(Transfer)
@@ -205,6 +206,7 @@ TRANSFER_DTYPES: tuple[str, ...] = typing.get_args(TransferDtype)
 WEIGHTINGS: tuple[str, ...] = typing.get_args(Weighting)
 ROBUST_RULES: tuple[str, ...] = typing.get_args(Robust)
 SERVER_OPTIMIZERS: tuple[str, ...] = typing.get_args(ServerOptimizer)
+ENCRYPTIONS: tuple[str, ...] = typing.get_args(Encryption)
 
 
 @dataclass
@@ -228,6 +230,7 @@ class FederationConfig:
     validate_global: bool = True  # each site validates the global model it receives, every round
     resume: bool = True  # each site keeps a per-round checkpoint and continues from it after a restart
     cross_site_eval: bool = True
+    encryption: Encryption = "none"  # he: homomorphic encryption of the updates (POC or production, not the simulator)
     # the sites' documented uplink in Mbit/s: NVFlare's transfer timeouts follow from it and the payload (bsf.federation.payload)
     uplink_mbit: float | None = None
     # robust aggregation (see bsf.federation.robust); the rules work on differences: transfer diff
@@ -257,8 +260,10 @@ class FederationConfig:
             *((getattr(self, name) in choices, f"federation.{name}: {getattr(self, name)!r} is not one of {', '.join(choices)}")
               for name, choices in (("algorithm", ALGORITHMS), ("scope", SCOPES), ("transfer", TRANSFERS),
                                     ("transfer_dtype", TRANSFER_DTYPES), ("weigh_by", WEIGHTINGS),
-                                    ("robust", ROBUST_RULES), ("fedopt_optimizer", SERVER_OPTIMIZERS))),
+                                    ("robust", ROBUST_RULES), ("fedopt_optimizer", SERVER_OPTIMIZERS),
+                                    ("encryption", ENCRYPTIONS))),
             *self._aggregation_checks(),
+            *self._encryption_checks(),
         ]
         for ok, message in checks:
             if not ok:
@@ -290,6 +295,23 @@ class FederationConfig:
             (0 <= self.fedopt_beta1 < 1 and 0 <= self.fedopt_beta2 < 1,
              f"federation.fedopt_beta1/beta2 must be in [0, 1), got {self.fedopt_beta1}, {self.fedopt_beta2}"),
             (self.fedopt_eps > 0, f"federation.fedopt_eps must be > 0, got {self.fedopt_eps}"),
+        ]
+
+    def _encryption_checks(self) -> list[tuple[bool, str]]:
+        """(ok, message) of ``encryption: he``: the server sees only ciphertexts, so it can only sum them."""
+        if self.encryption != "he":
+            return []
+        return [
+            (self.robust == "none",
+             f"federation.encryption: he cannot run robust: {self.robust} (the rule needs plaintext updates); set robust: none"),
+            (self.algorithm != "fedopt",
+             "federation.encryption: he cannot run algorithm: fedopt (the server optimiser needs the plaintext difference)"),
+            (self.weigh_by == "steps",
+             f"federation.encryption: he weighs by steps (each site scales its update by its step count before "
+             f"encrypting); weigh_by: {self.weigh_by} is not possible"),
+            (not self.cross_site_eval,
+             "federation.encryption: he cannot run cross_site_eval (the server holds only the encrypted global model); "
+             "set cross_site_eval: false"),
         ]
 
     @property

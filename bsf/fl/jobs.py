@@ -47,7 +47,7 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from bsf.config import SCOPES, TRANSFER_DTYPES, TRANSFERS, WEIGHTINGS, FederationConfig
+from bsf.config import ENCRYPTIONS, SCOPES, TRANSFER_DTYPES, TRANSFERS, WEIGHTINGS, FederationConfig
 from bsf.errors import ConfigError
 from bsf.federation import run_folders
 from bsf.federation.run_folders import RUN_CONFIG_FILE
@@ -233,6 +233,12 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
     )
 
     metric, lower_is_better = job_selection_metric(spec)
+    persistor_cls, controller_cls, aggregator = BSFModelPersistor, CheckedFedAvg, CheckedFedAvgAggregator.for_federation(fed)
+    if fed.encryption == "he":  # the server sums ciphertexts (bsf.fl.he; needs TenSEAL, the he extra)
+        from bsf.fl.he import HEFedAvg, HEFedAvgAggregator, HEModelPersistor
+
+        persistor_cls, controller_cls = HEModelPersistor, HEFedAvg
+        aggregator = HEFedAvgAggregator(min_accepted=fed.min_clients, expected_steps=fed.local_steps)
     job = BaseFedJob(
         name=spec.name,
         min_clients=fed.min_clients,
@@ -242,7 +248,7 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
     )
     job.set_app_packages(["bsf"])
     job.to_server(
-        BSFModelPersistor(
+        persistor_cls(
             run_config=RUN_CONFIG_FILE,
             scope=fed.scope,
             initial_ckpt=spec.initial_ckpt,
@@ -253,11 +259,11 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
         id="persistor",
     )
     job.to_server(JSONMetricsReceiver(), id="bsf_metrics")
-    controller = CheckedFedAvg(
+    controller = controller_cls(
         num_rounds=fed.remaining_rounds,
         start_round=fed.start_round,
         persistor_id="persistor",
-        aggregator=CheckedFedAvgAggregator.for_federation(fed),
+        aggregator=aggregator,
         task_name="train",
         **CheckedFedAvg.federation_options(fed),
     )
@@ -275,6 +281,10 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
             params_transfer_type=TransferType.FULL,  # the site computes its own difference (see SiteTrainer)
         )
     )
+    if fed.encryption == "he":
+        from bsf.fl.he import add_he_components
+
+        add_he_components(job, RUN_CONFIG_FILE)
     job.add_file_to_server(str(run_config_path), app_folder_type="config")
     job.add_file_to_clients(str(run_config_path), app_folder_type="config")
 
@@ -377,6 +387,9 @@ def simulate(
     """
     from nvflare.recipe.sim_env import SimEnv
 
+    if spec.federation.encryption == "he":
+        raise ConfigError(f"job {spec.name}: federation.encryption he needs provisioned HE contexts; the simulator has none. "
+                          "Run it in POC mode (bsf deploy poc --encryption he) or a provisioned deployment")
     workspace = Path(workspace).resolve()
     if clients:
         env = SimEnv(clients=list(clients), num_threads=threads or len(clients), workspace_root=str(workspace))
@@ -391,7 +404,7 @@ def simulate(
 
 FEDERATION_OPTIONS = {  # command-line option -> federation key
     "rounds": "rounds", "local_steps": "local_steps", "min_clients": "min_clients", "scope": "scope",
-    "transfer": "transfer", "transfer_dtype": "transfer_dtype", "weigh_by": "weigh_by",
+    "transfer": "transfer", "transfer_dtype": "transfer_dtype", "weigh_by": "weigh_by", "encryption": "encryption",
 }
 
 
@@ -425,6 +438,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer", choices=TRANSFERS, help="federation.transfer")
     p.add_argument("--transfer-dtype", choices=TRANSFER_DTYPES, help="federation.transfer_dtype")
     p.add_argument("--weigh-by", choices=WEIGHTINGS, help="federation.weigh_by")
+    p.add_argument("--encryption", choices=ENCRYPTIONS, help="federation.encryption (he: POC/production only)")
     p.add_argument("--no-cross-site-eval", action="store_true")
     p.add_argument("--run-config", help="preset name or YAML path (default: the job's)")
     p.add_argument("--override", action="append", help="run-config override section.key=value (repeatable)")

@@ -46,7 +46,7 @@ def stage_summary(run_dir: Path) -> dict[str, Any]:
 
 def plan_jobs(
     jobs: Sequence[str], n_sites: int, num_rounds: int | None = None, local_steps: int | None = None,
-    overrides: Sequence[str] = (), cross_site_eval: bool | None = None,
+    overrides: Sequence[str] = (), cross_site_eval: bool | None = None, encryption: str | None = None,
 ) -> list:
     """The listed committed jobs in stage-graph order with this run's sizes (their starting models come later).
 
@@ -65,6 +65,8 @@ def plan_jobs(
         spec = by_stage[stage.name]
         changes = {"min_clients": min(spec.federation.min_clients, n_sites)}
         changes.update({k: v for k, v in (("rounds", num_rounds), ("local_steps", local_steps), ("cross_site_eval", cross_site_eval)) if v is not None})
+        if encryption == "he":  # the server holds only the encrypted model: no cross-site evaluation
+            changes.update(encryption="he", cross_site_eval=False)
         specs.append(replace(spec, run_overrides=[*spec.run_overrides, *overrides]).with_federation(**changes))
     return specs
 
@@ -82,13 +84,19 @@ def _run_job(poc: PocDeployment, spec, out: Path, timeout: float) -> dict[str, A
     return entry
 
 
-def _keep_models(spec, entry: dict[str, Any], models: Path) -> Path:
-    """Copy a completed job's global (and best) model into ``models``; return the global one. A failed job: DeploymentError."""
+def _keep_models(spec, entry: dict[str, Any], models: Path, client_context: Path | None = None) -> Path:
+    """Copy a completed job's global (and best) model into ``models``; return the global one. A failed job: DeploymentError.
+
+    An encrypted job's models are decrypted with ``client_context`` (a site's ``client_context.tenseal``), as a site
+    would for the lead: the next stage starts from the plaintext model.
+    """
     run_dir = Path(entry["run_dir"])
     if entry["status"] != COMPLETED or not run_folders.global_model(run_dir).is_file():
         raise DeploymentError(f"{spec.name} (job {entry['job_id']}) ended {entry['status']} without a global model; see {run_dir}/log.txt")
     for source in (run_folders.global_model(run_dir), run_folders.best_model(run_dir)):
-        if source.is_file():
+        if source.is_file() and spec.federation.encryption == "he":
+            _decrypt_model(source, models / f"{spec.name}_{source.name}", client_context, run_dir)
+        elif source.is_file():
             shutil.copyfile(source, models / f"{spec.name}_{source.name}")
     kept = models / f"{spec.name}_{run_folders.GLOBAL_MODEL}"
     entry["global_model"] = str(kept)
@@ -96,25 +104,42 @@ def _keep_models(spec, entry: dict[str, Any], models: Path) -> Path:
     return kept
 
 
+def _decrypt_model(source: Path, target: Path, client_context: Path, run_dir: Path) -> None:
+    """``source`` (an encrypted global model) decrypted into ``target`` as ``{"model": state_dict}``."""
+    import torch
+
+    from bsf.fl.deploy.privacy import model_shapes_from_run_config
+    from bsf.fl.he import decrypt_global_model
+
+    shapes = model_shapes_from_run_config(run_dir / "app_server" / "config" / run_folders.RUN_CONFIG_FILE)
+    plain = decrypt_global_model(source, client_context, shapes)
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in plain.items()}}, target)
+
+
 def run_poc(
     out: str | os.PathLike, stages: Sequence[str] = ("stage1",), sites: Sequence[str] = ("site-1", "site-2"),
     num_rounds: int | None = None, local_steps: int | None = None, overrides: Sequence[str] = (),
     site_configs: Mapping[str, str] | None = None, cross_site_eval: bool | None = None,
-    env: Mapping[str, str] | None = None, timeout: float = 3600,
+    env: Mapping[str, str] | None = None, timeout: float = 3600, encryption: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``stages`` on a fresh local deployment of ``sites``; returns the summary also written to ``poc_summary.json``."""
-    specs = plan_jobs(stages, len(sites), num_rounds, local_steps, overrides, cross_site_eval)
+    """Run ``stages`` on a fresh local deployment of ``sites``; returns the summary also written to ``poc_summary.json``.
+
+    ``encryption="he"``: every stage's updates are encrypted (the kits get TenSEAL contexts; see :mod:`bsf.fl.he`).
+    """
+    specs = plan_jobs(stages, len(sites), num_rounds, local_steps, overrides, cross_site_eval, encryption)
+    he = encryption == "he"
     out = Path(out).resolve()
     (out / "models").mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"sites": list(sites), "stages": {}}
     models: dict[str, Path] = {}  # stage -> its downloaded global model
     try:
-        with PocDeployment(out, sites=sites, site_configs=site_configs, env=env) as poc:
+        with PocDeployment(out, sites=sites, site_configs=site_configs, env=env, he=he) as poc:
             poc.start()
             for base in specs:
                 spec = replace(base, start=start_point(base.stage, models))
                 entry = summary["stages"][spec.name] = _run_job(poc, spec, out, timeout)
-                models[spec.stage] = _keep_models(spec, entry, out / "models")
+                context = poc.kit(sites[0]) / "startup" / "client_context.tenseal" if he else None
+                models[spec.stage] = _keep_models(spec, entry, out / "models", context)
     finally:
         (out / "poc_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 PROJECT_FILE = Path(__file__).resolve().parents[3] / "provisioning" / "project.yml"
 POC_PROJECT = "bsfpoc"
 SERVER = "server"
+#: NVFlare's builder of the TenSEAL contexts (the server's without the secret key); before the signature builder
+HE_BUILDER = "nvflare.lighter.impl.he.HEBuilder"
+SIGNATURE_BUILDER = "nvflare.lighter.impl.signature.SignatureBuilder"
 
 
 class DeploymentError(BSFError):
@@ -58,12 +61,24 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def with_he_builder(builders: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``builders`` with NVFlare's :data:`HE_BUILDER` (once), before the signature builder so the contexts are signed."""
+    out = [dict(b) for b in builders]
+    if any(b.get("path") == HE_BUILDER for b in out):
+        return out
+    paths = [b.get("path") for b in out]
+    at = paths.index(SIGNATURE_BUILDER) if SIGNATURE_BUILDER in paths else len(out)
+    out.insert(at, {"path": HE_BUILDER, "args": {}})
+    return out
+
+
 def poc_project(
     template: Mapping[str, Any], sites: Sequence[str], ports: tuple[int, int],
-    site_configs: Mapping[str, str] | None = None, heartbeat_timeout: float | None = None,
+    site_configs: Mapping[str, str] | None = None, heartbeat_timeout: float | None = None, he: bool = False,
 ) -> dict[str, Any]:
     """The project file for a local deployment: ``template``'s builders and admin, a ``server`` on ``ports``
-    (federated learning, admin), CPU clients named ``sites`` (with ``site_configs[site]`` as their data config)."""
+    (federated learning, admin), CPU clients named ``sites`` (with ``site_configs[site]`` as their data config);
+    ``he``: also the TenSEAL contexts of encrypted jobs (:func:`with_he_builder`)."""
     project = copy.deepcopy(dict(template))
     admins = [p for p in project.get("participants", []) if p.get("type") == "admin"]
     if not admins:
@@ -78,6 +93,8 @@ def poc_project(
         participants.append(entry)
     participants.append(admins[0])
     project.update(name=POC_PROJECT, participants=participants)
+    if he:
+        project["builders"] = with_he_builder(project.get("builders", []))
     if heartbeat_timeout is not None:
         for builder in project.get("builders", []):
             if builder.get("path") == "bsf.fl.deploy.builder.BSFKitBuilder":
@@ -95,18 +112,20 @@ class PocDeployment:
         project: the project file whose builders and admin are used.
         heartbeat_timeout: seconds before the server drops a silent site.
         env: extra environment for every process (e.g. ``OMP_NUM_THREADS``, ``NVFLARE_*`` settings).
+        he: provision the TenSEAL contexts, for jobs with ``federation.encryption: he``.
     """
 
     def __init__(
         self, root: str | os.PathLike, sites: Sequence[str] = ("site-1", "site-2"),
         site_configs: Mapping[str, str] | None = None, project: str | os.PathLike = PROJECT_FILE,
-        heartbeat_timeout: float | None = None, env: Mapping[str, str] | None = None,
+        heartbeat_timeout: float | None = None, env: Mapping[str, str] | None = None, he: bool = False,
     ):
         self.root = Path(root).resolve()
         self.sites = list(sites)
         self.site_configs = dict(site_configs or {})
         self.project_template = Path(project)
         self.heartbeat_timeout = heartbeat_timeout
+        self.he = he
         self.workspace = self.root / "poc"
         self.env = dict(os.environ)
         self.env.update(
@@ -145,7 +164,7 @@ class PocDeployment:
         template = yaml.safe_load(self.project_template.read_text())
         self.admin = next(p["name"] for p in template["participants"] if p.get("type") == "admin")
         self.ports = tuple(free_ports(2))
-        project = poc_project(template, self.sites, self.ports, self.site_configs, self.heartbeat_timeout)
+        project = poc_project(template, self.sites, self.ports, self.site_configs, self.heartbeat_timeout, he=self.he)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "home").mkdir(exist_ok=True)
         project_file = self.root / "project.yml"

@@ -6,6 +6,8 @@
 * ``privacy.json``: one privacy scope, ``bsf`` (the default), whose task-result filters are,
   optionally, NVFlare's percentile or sparse-vector-technique differential-privacy filter, then
   :class:`bsf.fl.deploy.privacy.ResultGuard` (only the aggregated weights and numeric metadata leave).
+  NVFlare runs a site's scope filters before the job's own, so in an encrypted job (``encryption: he``)
+  the order is DP filter -> guard -> the job's encryptor (:mod:`bsf.fl.he`): the guard sees the plaintext.
 * ``authorization.json``: who may do what at this site; bring-your-own-code (BYOC, the jobs' thin
   ``custom/bsf_client.py``) is allowed for the project admin and the consortium's ``lead`` role only.
 """
@@ -25,6 +27,11 @@ BSF_CLASSES = (
     "bsf.fl.metrics.JSONMetricsReceiver",
     "bsf.fl.persistor.BSFModelPersistor",
     "bsf.fl.deploy.privacy.ResultGuard",
+    "bsf.fl.he.HEFedAvg",
+    "bsf.fl.he.HEFedAvgAggregator",
+    "bsf.fl.he.HEModelPersistor",
+    "bsf.fl.he.SiteHEDecryptor",
+    "bsf.fl.he.SiteHEEncryptor",
     "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor",
     "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator",
     "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",

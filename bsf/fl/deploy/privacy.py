@@ -27,6 +27,11 @@ The allow-list (everything else is refused, naming the field):
   ``_validate_type``, ``__rc__`` = ``OK``, task name/id and audit id as identifiers);
 * an error reply leaves as a fresh reply holding only a known NVFlare return code.
 
+Encrypted jobs (``federation.encryption: he``, :mod:`bsf.fl.he`): NVFlare runs the site's scope filters before
+the job's, so the guard checks the plaintext update and the job's encryptor runs after it (DP filter -> guard ->
+encryption). The server can then check nothing, so the guard also takes over the server's bound of the weight
+claim: ``NUM_STEPS_CURRENT_ROUND`` must be an int in ``[1, local_steps]`` (:func:`check_encrypted_claim`).
+
 What the list cannot close: the values of the model's own tensors (a site's code could hide bits in
 their low digits) and a handful of metric floats per result. Their capacity is fixed by the model's
 size and :data:`SITE_METRICS`, and nothing else can ride along.
@@ -378,6 +383,21 @@ def describe_result(
     }
 
 
+def check_encrypted_claim(kind: Any, meta: Mapping[str, Any] | None, local_steps: int) -> list[str]:
+    """Encrypted jobs: a weight result's step claim must be an int in ``[1, local_steps]``.
+
+    The site's encryptor scales its update by that claim and the server, seeing only ciphertexts, cannot
+    clip it (as it does in the clear), so the bound is checked here, before encryption.
+    """
+    if _kind_name(kind) not in WEIGHT_KINDS:
+        return []
+    claim = (meta or {}).get(META_NUM_STEPS)
+    if type(claim) is not int or not 1 <= claim <= local_steps:
+        return [f"meta[{META_NUM_STEPS!r}] {_plain(claim)!r} is not an int in [1, {local_steps}] (the job's local steps; "
+                "an encrypted update is weighted by it and the server cannot clip it)"]
+    return []
+
+
 def model_shapes_from_run_config(run_config: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Key -> shape of every tensor of the model a job's run config builds (no data needed)."""
     from bsf.engine import load_config
@@ -385,6 +405,14 @@ def model_shapes_from_run_config(run_config: str | os.PathLike) -> dict[str, tup
 
     model = build_initial_model(load_config(run_config))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _encrypted_local_steps(run_config: str | os.PathLike) -> int | None:
+    """The job's ``federation.local_steps`` when its updates are encrypted (``encryption: he``), else ``None``."""
+    from bsf.engine import load_config
+
+    federation = load_config(run_config).federation
+    return federation.local_steps if federation is not None and federation.encryption == "he" else None
 
 
 try:
@@ -406,6 +434,7 @@ class ResultGuard(Filter):  # type: ignore[misc,valid-type]
         self.run_config = run_config
         self.audit_file = audit_file
         self._shapes: dict[str, dict[str, tuple[int, ...]] | None] = {}
+        self._encrypted_steps: dict[str, int | None] = {}  # job -> its local steps when it is encrypted (HE)
 
     def _model_shapes(self, fl_ctx) -> dict[str, tuple[int, ...]] | None:
         from nvflare.apis.fl_constant import FLContextKey
@@ -415,6 +444,7 @@ class ResultGuard(Filter):  # type: ignore[misc,valid-type]
             app_root = fl_ctx.get_prop(FLContextKey.APP_ROOT) or ""
             path = Path(app_root) / "config" / self.run_config
             self._shapes[job_id] = model_shapes_from_run_config(path) if path.is_file() else None
+            self._encrypted_steps[job_id] = _encrypted_local_steps(path) if path.is_file() else None
             if self._shapes[job_id] is None:
                 self.log_warning(fl_ctx, f"no run config at {path}: weights of this job cannot be checked and are refused")
         return self._shapes[job_id]
@@ -448,6 +478,9 @@ class ResultGuard(Filter):  # type: ignore[misc,valid-type]
         shapes = self._model_shapes(fl_ctx)
         problems = check_shareable(shareable, shapes)
         dxo = shareable.get("DXO")
+        local_steps = self._encrypted_steps.get(fl_ctx.get_job_id())
+        if local_steps is not None and isinstance(dxo, Mapping):
+            problems.extend(check_encrypted_claim(dxo.get("kind"), dxo.get("meta"), local_steps))
         if isinstance(dxo, Mapping):
             record.update(describe_result(dxo.get("kind"), dxo.get("data"), dxo.get("meta"), shareable.get("__headers__"),
                                           model_keys=shapes or ()))
