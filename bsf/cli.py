@@ -127,6 +127,15 @@ def cmd_site_check(args: argparse.Namespace) -> None:
         raise BSFError(f"site config {args.site_config}: {report.failure()}")
 
 
+def cmd_site_preflight(args: argparse.Namespace) -> None:
+    from bsf.federation.site_check import preflight_site
+
+    report = preflight_site(args.site_config, overrides=args.overrides, site=args.site, config=args.config)
+    print(report.text())
+    if not report.ok:
+        raise BSFError(f"site config {args.site_config}: this machine cannot hold job {args.config}; change the settings named above")
+
+
 def _output_folder(path: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -305,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     site_check.add_argument("--full", action="store_true", help="also decode every voxel")
     site_check.add_argument("--workers", type=int, default=4)
     site_check.set_defaults(func=cmd_site_check)
+    preflight = site.add_parser("preflight", help="what the job needs from this machine (RAM, GPU memory, cache disk, CPU cores) and whether it fits")
+    preflight.add_argument("site_config", help="e.g. sites/brats.yaml, or a site map with --site")
+    preflight.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides, e.g. data.roi=[64,64,64]")
+    preflight.add_argument("--site", default="site-1", help="site name to pick from a site map")
+    preflight.add_argument("--config", required=True, help="job config (YAML, e.g. a job's app/config/bsf_run.yaml, or preset)")
+    preflight.set_defaults(func=cmd_site_preflight)
 
     train = sub.add_parser("train", help="centralized training (one process; torchrun -m bsf.train for several)")
     add_train_arguments(train)

@@ -2,7 +2,9 @@
 
 Checks, in order: the YAML's keys (strictly, through the run config), the paths (data root, datalist,
 cache folder), that the cases can be found, their channel count against the job's model, then a header
-check of every file (``full=True`` also decodes the voxels). Reports the cache size the data needs.
+check of every file (``full=True`` also decodes the voxels). Reports the cache size the data needs, and
+the preflight (:mod:`bsf.federation.preflight`: RAM, GPU memory, cache disk and CPU cores the job needs
+against this machine's); ``bsf site preflight`` runs that part alone.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
-import numpy as np
-
 from bsf.errors import BSFError
+from bsf.federation.preflight import (
+    Machine, PreflightReport, case_bytes, existing_parent, requirements, site_cases, this_machine,
+)
 from bsf.federation.site_config import ENV_SITE_CONFIG, load_with_site, resolve_site
 
 GB = 1024**3
@@ -51,14 +53,12 @@ def check_site(
     config: str | None = None,
     full: bool = False,
     workers: int = 4,
+    machine: Machine | None = None,
 ) -> SiteReport:
     """Validate the site config at ``path`` merged into the job's run config ``config`` (None: the defaults), with
-    ``overrides`` (``key=value`` strings) on top; raises :class:`bsf.errors.ConfigError` on bad keys/values."""
-    path = Path(path)
-    if not path.is_file():
-        raise BSFError(f"site config {path}: no such file")
-    site_config = resolve_site(site, environ={ENV_SITE_CONFIG: str(path)}).with_overrides(overrides)
-    cfg = load_with_site(config, site_config)
+    ``overrides`` (``key=value`` strings) on top; raises :class:`bsf.errors.ConfigError` on bad keys/values.
+    ``machine``: what the preflight compares with (default: this machine)."""
+    site_config, cfg = site_job_config(path, overrides=overrides, site=site, config=config)
     data = cfg.data
     report = SiteReport([f"site config {path}: data set {data.dataset}"])
     if site_config.synthesises:
@@ -83,7 +83,11 @@ def check_site(
     report.lines.append(f"channels per case: {', '.join(map(str, sorted(channels)))}" + (f" ({', '.join(data.modalities)})" if data.modalities else ""))
     if config is not None and channels != {cfg.model.in_channels}:
         report.problems.append(f"cases have {sorted(channels)} image channel(s) but the job's model.in_channels is {cfg.model.in_channels}")
-    report.lines.append(_cache_estimate(cases, data.cache, data.cache_dir))
+    per_case = case_bytes(cases)
+    report.lines.append(_cache_estimate(per_case, len(cases), data.cache, data.cache_dir))
+    preflight = requirements(cfg, machine or this_machine(cfg), len(cases), per_case)
+    report.lines += preflight.text().splitlines()
+    report.problems += preflight.problems
     from bsf.data.check import check_cases
 
     result = check_cases(cases, base, data=full, workers=workers, dataset=data.dataset, memo_dir=Path(data.cache_dir) if data.cache_dir else None)
@@ -124,20 +128,29 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def _cache_estimate(cases: list[dict], cache: str, cache_dir: str) -> str:
+def site_job_config(path: str | Path, *, overrides: Sequence[str] = (), site: str = "site-1", config: str | None = None):
+    """The site config at ``path`` (``site``'s entry of a site map, with ``overrides``) and the run config of job
+    ``config`` (None: the defaults) with it merged in."""
+    path = Path(path)
+    if not path.is_file():
+        raise BSFError(f"site config {path}: no such file")
+    site_config = resolve_site(site, environ={ENV_SITE_CONFIG: str(path)}).with_overrides(overrides)
+    return site_config, load_with_site(config, site_config)
+
+
+def preflight_site(path: str | Path, *, overrides: Sequence[str] = (), site: str = "site-1", config: str | None = None,
+                   machine: Machine | None = None) -> PreflightReport:
+    """``bsf site preflight``: what job ``config`` needs at the site of ``path`` against ``machine`` (default: this one)."""
+    _, cfg = site_job_config(path, overrides=overrides, site=site, config=config)
+    return requirements(cfg, machine or this_machine(cfg), *site_cases(cfg))
+
+
+def _cache_estimate(per_case: int, n_cases: int, cache: str, cache_dir: str) -> str:
     """Upper bound of the cache size: float32 volume of the first readable case times the number of cases."""
-    per_case = 0
-    for case in cases[:3]:
-        try:
-            files = case["image"] if isinstance(case["image"], list) else [case["image"]]
-            per_case = sum(int(np.prod(nib.load(f).shape[:3])) * 4 for f in files)
-            break
-        except Exception:  # noqa: BLE001 - the header check reports unreadable files
-            continue
-    total = per_case * len(cases)
+    total = per_case * n_cases
     text = f"cache {cache}: about {per_case / 1e6:.0f} MB a case, {total / GB:.1f} GiB for all (float32, before the foreground crop)"
     if cache == "persistent" and cache_dir:
-        existing = next((p for p in [Path(cache_dir), *Path(cache_dir).parents] if p.exists()), None)
+        existing = existing_parent(cache_dir)
         if existing is not None:
             text += f"; {shutil.disk_usage(existing).free / GB:.0f} GiB free at {existing}"
     return text

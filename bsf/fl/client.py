@@ -23,6 +23,7 @@ from typing import Any
 
 from bsf.config import RunConfig
 from bsf.errors import ConfigError
+from bsf.federation.preflight import PreflightError, run_preflight
 from bsf.federation.run_folders import RUN_CONFIG_FILE
 from bsf.federation.site_config import load_with_site, prepare_site_data, resolve_site
 from bsf.federation.site_trainer import SiteTrainer
@@ -122,3 +123,8 @@ def main() -> None:
         else:
             log.warning("site %s: unknown task %r; answering with no result", site, flare.get_task_name())
             flare.send(FLModel(metrics={}))
+    try:  # before the engine loads (and caches) any data: a job this machine cannot hold stops here
+        run_preflight(config)
+    except PreflightError as exc:
+        log.error("site %s: CANNOT START: %s", site, exc)
+        raise
