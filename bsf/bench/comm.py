@@ -2,9 +2,10 @@
 
 Bytes per round per site = the global part down (float32) + the site's update up (float32 or
 float16), for encoder-only (``swinViT.*``, Stages 1/2 aggregate this) vs the whole model, for every
-model size; NVFlare's message overhead is not included. Counted are state-dict *elements*, as the
-site code sends them (every entry as float32, including the Swin blocks' constant
-``relative_position_index`` buffers), not only trainable parameters.
+model size; NVFlare's message overhead is not included. Counted are state-dict *elements* as the site
+code sends them (every entry as float32), which since issue 14 leaves out the Swin blocks' constant
+``relative_position_index`` buffers (:mod:`bsf.federation.payload`); ``*_with_buffers`` columns give the
+rounds as they were before, with them.
 
 Convergence: a 2-site FedAvg on the synthetic benchmark data through the real site code
 (:class:`bsf.federation.site_trainer.SiteTrainer` around an :class:`bsf.engine.Engine`, weight differences of the
@@ -36,18 +37,21 @@ def _bytes(state: dict[str, torch.Tensor], prefix: str = "") -> int:
 
 
 def payload_rows() -> list[dict]:
-    """Per size: state-dict elements and bytes per round per site, SSL model (Stages 1/2) and SwinUNETR (Stage 3)."""
+    """Per size: state-dict elements and bytes per round per site, SSL model (Stages 1/2) and SwinUNETR (Stage 3),
+    as sent (constant buffers left out) and as sent before issue 14 (``*_with_buffers``)."""
     rows = []
     for size in MODEL_SIZES:
-        ssl, seg = SSLModel(size, 2).state_dict(), build_swin_unetr(size, 4, 3).state_dict()
-        encoder = _bytes(ssl, "swinViT.")
+        ssl_all, seg_all = SSLModel(size, 2).state_dict(), build_swin_unetr(size, 4, 3).state_dict()
+        ssl, seg = exchanged(ssl_all), exchanged(seg_all)
+        encoder, encoder_all = _bytes(ssl, "swinViT."), _bytes(ssl_all, "swinViT.")
         rows.append({
-            "size": size, "encoder_elements": encoder // 4, "ssl_model_elements": _bytes(ssl) // 4,
-            "swin_unetr_elements": _bytes(seg) // 4,
+            "size": size, "encoder_elements": encoder // 4, "constant_buffer_elements": (encoder_all - encoder) // 4,
+            "ssl_model_elements": _bytes(ssl) // 4, "swin_unetr_elements": _bytes(seg) // 4,
             "round_bytes": {
                 "encoder_f32": 2 * encoder, "encoder_f32_down_f16_up": encoder + encoder // 2,
                 "ssl_model_f32": 2 * _bytes(ssl), "swin_unetr_f32": 2 * _bytes(seg),
                 "swin_unetr_f32_down_f16_up": _bytes(seg) + _bytes(seg) // 2,
+                "encoder_f32_with_buffers": 2 * encoder_all, "swin_unetr_f32_with_buffers": 2 * _bytes(seg_all),
             },
         })
     return rows
@@ -79,9 +83,10 @@ def fedavg(opts: Options, transfer_dtype: str, rounds: int) -> tuple[list[float]
 def run(opts: Options) -> dict:
     rows = payload_rows()
     small = next(r for r in rows if r["size"] == "small")["round_bytes"]
-    summary = [f"Small, bytes per round per site: encoder f32 {small['encoder_f32'] / 1e6:.1f} MB, encoder f32 down +"
-               f" f16 up {small['encoder_f32_down_f16_up'] / 1e6:.1f} MB, whole SwinUNETR f32"
-               f" {small['swin_unetr_f32'] / 1e6:.1f} MB"]
+    summary = [f"Small, bytes per round per site: encoder f32 {small['encoder_f32'] / 1e6:.1f} MB (with the constant"
+               f" buffers {small['encoder_f32_with_buffers'] / 1e6:.1f} MB), encoder f32 down + f16 up"
+               f" {small['encoder_f32_down_f16_up'] / 1e6:.1f} MB, whole SwinUNETR f32 {small['swin_unetr_f32'] / 1e6:.1f} MB"
+               f" (with the buffers {small['swin_unetr_f32_with_buffers'] / 1e6:.1f} MB)"]
     result: dict = {"config": {"sites": SITES, "rounds": opts.size.fl_rounds, "local_steps": opts.size.fl_local_steps},
                     "payload": rows, "summary": summary}
     if opts.size.fl_rounds:
