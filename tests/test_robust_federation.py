@@ -258,3 +258,24 @@ def test_slow_site_misses_the_cutoff_and_the_round_closes_without_it(tmp_path):
     assert rounds[0]["accepted_sites"] == ["site-1"] and rounds[0]["missing_sites"] == ["site-2"]
     assert rounds[0]["asked_sites"] == ["site-1", "site-2"]
     assert run_folders.global_model(run_dir).is_file()
+
+
+# ------------------------------------------------------------------ FedProx at the site
+def test_fedprox_term_is_mu_half_squared_distance_to_the_round_global_model():
+    """mu = 0.5, every parameter of a Linear(3, 2) moved by 0.1 after the round's start: 0.25 * 8 * 0.01."""
+    import torch
+
+    from bsf.fl.client import FedProxTerm
+
+    module = torch.nn.Linear(3, 2)
+    term = FedProxTerm(module, mu=0.5)
+    term.start_round()
+    assert float(term()) == 0.0
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1)
+    value = term()
+    assert float(value) == pytest.approx(0.25 * 8 * 0.01, rel=1e-5)
+    value.backward()  # the gradient pulls back towards the global model: mu * (w - w_global) = 0.05
+    np.testing.assert_allclose(module.weight.grad.numpy(), 0.05, rtol=1e-5)
+    assert all(not p.requires_grad for p in term.reference.parameters())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -99,6 +99,8 @@ class Engine:
         self.stream = SampleStream(self.split.train, config.data, config.seed, self.task.random_transforms(), self.task.label_transform)
         self._batches: Iterator[dict[str, torch.Tensor]] | None = None
         self._val_items: list | None = None
+        #: an optional term added to every micro-batch's loss (e.g. FedProx's proximal term); returns a scalar tensor
+        self.extra_loss: Callable[[], torch.Tensor] | None = None
         log.info("engine: %d training and %d validation cases, device %s", len(self.split.train), len(self.split.val), self.device)
 
     @property
@@ -142,6 +144,9 @@ class Engine:
                 with sync:
                     with self._autocast():
                         loss, parts = self.task.loss(self.train_model, batch, generator)
+                        if self.extra_loss is not None:
+                            parts = {**parts, "extra_loss": self.extra_loss()}
+                            loss = loss + parts["extra_loss"]
                     self.scaler.scale(loss / accumulate).backward()
                 for name, value in {"loss": loss, **parts}.items():
                     totals[name] = totals.get(name, 0.0) + value.detach().float() / accumulate

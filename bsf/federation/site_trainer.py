@@ -71,6 +71,9 @@ class SiteTrainer:
         site: this site's name (for logs and metrics tags only).
         state_dir: where the resume checkpoint is kept (``None``: never saved).
         log_scalar: ``(tag, value, step)`` sink for streamed metrics (e.g. a TensorBoard writer).
+        local_objective: an extra term of the site's loss that depends on the round's global model (FedProx:
+            :class:`bsf.fl.client.FedProxTerm`): called with no arguments for a scalar tensor each micro-batch
+            (``engine.extra_loss``); its ``start_round()`` is called once the round's global model is loaded.
     """
 
     def __init__(
@@ -80,12 +83,16 @@ class SiteTrainer:
         site: str = "site",
         state_dir: str | Path | None = None,
         log_scalar: Callable[[str, float, int], None] | None = None,
+        local_objective: Any = None,
     ):
         self.engine = engine
         self.settings = settings
         self.site = site
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.log_scalar = log_scalar
+        self.local_objective = local_objective
+        if local_objective is not None:
+            engine.extra_loss = local_objective
         self.rounds_done: int = -1  # the last round this site trained
         # (what the server makes of this site's last update alone, this site's exact weights)
         self._round_trip: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
@@ -169,6 +176,8 @@ class SiteTrainer:
         started = time.perf_counter()
         self.maybe_resume(current_round)
         received = self._load_global(global_params, allow_own=True)
+        if self.local_objective is not None:
+            self.local_objective.start_round()
         metrics: dict[str, float] = {}
         if self.settings.validate_global:
             metrics = {k: float(v) for k, v in self.engine.validate().items()}

@@ -80,6 +80,37 @@ def site_run_config(site: str, paths: SitePaths) -> RunConfig:
     return config
 
 
+class FedProxTerm:
+    """FedProx's proximal term ``mu/2 ||w - w_global||^2`` over the aggregated part, with NVFlare's ``PTFedProxLoss``.
+
+    Args:
+        module: the aggregated part of the site's model (``swinViT`` for scope ``encoder``, else the model).
+        mu: ``federation.fedprox_mu``.
+    """
+
+    def __init__(self, module: Any, mu: float):
+        from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
+
+        self.module, self.loss, self.reference = module, PTFedProxLoss(mu=mu), None
+
+    def start_round(self) -> None:
+        """Freeze a copy of the round's global model (just loaded into ``module``)."""
+        import copy
+
+        self.reference = copy.deepcopy(self.module).requires_grad_(False)
+
+    def __call__(self):
+        """The proximal term (a scalar tensor with gradients into ``module``)."""
+        return self.loss(self.module, self.reference)
+
+
+def local_objective(engine: Any, settings: Any) -> FedProxTerm | None:
+    """The site's extra loss term for the job's algorithm (``fedprox``: :class:`FedProxTerm`), else ``None``."""
+    if settings.algorithm != "fedprox":
+        return None
+    return FedProxTerm(engine.model.swinViT if settings.scope == "encoder" else engine.model, settings.fedprox_mu)
+
+
 def make_engine(config: Any):
     """Build the site's Engine (isolated so tests can substitute a fake)."""
     from bsf.engine import Engine
@@ -99,7 +130,8 @@ def main() -> None:
     settings = config.federation
     engine = make_engine(config)
     writer = SummaryWriter()
-    trainer = SiteTrainer(engine, settings, site=site, state_dir=config.train.output_dir, log_scalar=writer.add_scalar)
+    trainer = SiteTrainer(engine, settings, site=site, state_dir=config.train.output_dir, log_scalar=writer.add_scalar,
+                          local_objective=local_objective(engine, settings))
     log.info(
         "site %s: engine ready (%d training cases, %d aggregated tensors, scope %s, %d local steps, transfer %s/%s)",
         site, engine.num_train_cases, len(trainer.scope_keys), settings.scope, settings.local_steps,
