@@ -185,7 +185,7 @@ def test_configs_of_older_runs_still_load() -> None:
     assert config.data.transforms.crop.mode == "pos_neg" and old["finetune"]["crop"] == "pos_neg"
 
 
-def test_warm_persistent_reads_are_memory_mapped_and_equal(cases, tmp_path: Path, monkeypatch) -> None:
+def test_warm_persistent_reads_are_memory_mapped_and_equal(cases, tmp_path: Path, monkeypatch, caplog) -> None:
     cfg = load_config("stage2_brats_test", ["data.roi=[64, 64, 64]", "data.cache=persistent", f"data.cache_dir={tmp_path}"]).data
     case = [{"image": cases["brats"]["image"]}]
     cold = SampleStream(case, cfg, 0, random_transforms(cfg, False))[3]
@@ -195,9 +195,10 @@ def test_warm_persistent_reads_are_memory_mapped_and_equal(cases, tmp_path: Path
     warm = SampleStream(case, cfg, 0, random_transforms(cfg, False))[3]
     assert calls == [True]
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(cold, warm))
-    # a corrupt entry is still recomputed by MONAI's own path
+    # a corrupt entry is removed with a warning naming it, and recomputed
     entry = next(tmp_path.glob("*.pt"))
     entry.write_bytes(b"not a torch file")
-    with pytest.warns(UserWarning, match="Corrupt cache file"):
+    with caplog.at_level("WARNING", logger="bsf.data.pipeline"):
         again = SampleStream(case, cfg, 0, random_transforms(cfg, False))[3]
+    assert entry.name in caplog.text and "recomputing" in caplog.text
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(cold, again))
