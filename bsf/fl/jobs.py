@@ -405,6 +405,7 @@ def simulate(
 FEDERATION_OPTIONS = {  # command-line option -> federation key
     "rounds": "rounds", "local_steps": "local_steps", "min_clients": "min_clients", "scope": "scope",
     "transfer": "transfer", "transfer_dtype": "transfer_dtype", "weigh_by": "weigh_by", "encryption": "encryption",
+    "uplink_mbit": "uplink_mbit",
 }
 
 
@@ -438,6 +439,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer", choices=TRANSFERS, help="federation.transfer")
     p.add_argument("--transfer-dtype", choices=TRANSFER_DTYPES, help="federation.transfer_dtype")
     p.add_argument("--weigh-by", choices=WEIGHTINGS, help="federation.weigh_by")
+    p.add_argument("--uplink-mbit", type=float, help="federation.uplink_mbit: the sites' uplink (Mbit/s); sets the transfer timeouts")
     p.add_argument("--encryption", choices=ENCRYPTIONS, help="federation.encryption (he: POC/production only)")
     p.add_argument("--no-cross-site-eval", action="store_true")
     p.add_argument("--run-config", help="preset name or YAML path (default: the job's)")
