@@ -2,13 +2,16 @@
 
 An :class:`Engine` owns the model, AdamW, the warm-up cosine schedule, the grad scaler and a
 position in the deterministic data stream. Everything random is derived from ``(seed, step)``,
-so ``state_dict()`` at step ``t`` plus the config reproduce steps ``t+1, t+2, ...`` exactly.
+so ``state_dict()`` at step ``t`` plus the config reproduce steps ``t+1, t+2, ...`` exactly: the
+data order and crops, the SSL views (an explicit generator) and what modules draw from torch's
+global generator (dropout, drop-path), which each micro-batch re-seeds; what ran before in the
+process (other steps, validation, another engine, NVFlare) does not change a step's draws.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -29,7 +32,7 @@ from bsf.model.attention import use_sdpa_attention
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-_TRAIN_STREAM, _VAL_STREAM, _INIT_STREAM = 1, 2, 3  # independent RNG streams derived from the seed
+_TRAIN_STREAM, _VAL_STREAM, _INIT_STREAM, _MODULE_STREAM = 1, 2, 3, 4  # independent RNG streams derived from the seed
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -122,6 +125,23 @@ class Engine:
             self._batches = iter(train_loader(self.stream, sampler, self.config.data.num_workers))
         return {k: v.to(self.device, non_blocking=True) for k, v in next(self._batches).items() if isinstance(v, torch.Tensor)}
 
+    @contextmanager
+    def _micro_batch_random(self, micro_batch: int) -> Iterator[torch.Generator]:
+        """The random draws of micro-batch ``micro_batch`` (``rank * accumulate + a``) of the current step.
+
+        Yields the generator the task draws its views from (``_TRAIN_STREAM``), and for the block seeds
+        torch's global generators of the CPU and this device (``_MODULE_STREAM``), which dropout and
+        drop-path draw from in the forward (and a checkpointed forward replays in the backward); the
+        process's global state is restored afterwards. Both depend only on ``(seed, step, micro_batch)``.
+        """
+        module_seed = seed_for(self.config.seed, _MODULE_STREAM, self.step, micro_batch)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.random.default_generator.manual_seed(module_seed)
+            if self.device.type == "cuda":
+                with torch.cuda.device(self.device):
+                    torch.cuda.manual_seed(module_seed)
+            yield torch.Generator(self.device).manual_seed(seed_for(self.config.seed, _TRAIN_STREAM, self.step, micro_batch))
+
     def train_steps(self, n: int) -> list[dict[str, float]]:
         """Run ``n`` optimiser steps. Returns one record per step: ``step``, ``loss``, the loss parts, ``lr``.
 
@@ -137,11 +157,8 @@ class Engine:
             totals: dict[str, torch.Tensor] = {}
             for a in range(accumulate):
                 batch = self._next_micro_batch()
-                generator = torch.Generator(self.device).manual_seed(
-                    seed_for(self.config.seed, _TRAIN_STREAM, self.step, self.rank * accumulate + a)
-                )
                 sync = nullcontext() if a == accumulate - 1 or self.world_size == 1 else self.train_model.no_sync()
-                with sync:
+                with sync, self._micro_batch_random(self.rank * accumulate + a) as generator:
                     with self._autocast():
                         loss, parts = self.task.loss(self.train_model, batch, generator)
                         if self.extra_loss is not None:

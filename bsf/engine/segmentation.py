@@ -119,7 +119,12 @@ class SegmentationTask:
         return random_transforms(self.config.data, with_label=True)
 
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``batch["image"]`` (N, C, *roi), ``batch["label"]`` (N, K, *roi) -> Dice loss."""
+        """``batch["image"]`` (N, C, *roi), ``batch["label"]`` (N, K, *roi) -> Dice loss.
+
+        Nothing here draws from ``generator``: the network's dropout (``model.dropout``) draws from torch's global
+        generator, which the engine seeds for each micro-batch from ``(seed, step, micro-batch)``, so a step's dropout
+        masks are the same whatever ran before it in the process (a federated site's rounds, a resumed run).
+        """
         loss = self.criterion(model(batch["image"]), batch["label"])
         return loss, {"dice_loss": loss.detach()}
 

@@ -7,7 +7,8 @@ rounds, run by :func:`bsf.fl.jobs.simulate` with one site, ``site-1``, whose sit
 (registered as the global model of the stage this one follows, with the run's ``model.pretrained_modalities``,
 and found by :func:`bsf.federation.stages.start_point` as every driver finds it; channels adapted by name) or, for the
 scratch arm, from the seeded initialisation. A one-site federation reproduces centralized training (tested in
-``tests/test_fl_stages.py``); a multi-site protocol needs real sites, see ``docs/protocols.md``.
+``tests/test_one_site_equality.py`` for every stage, in process, and ``tests/test_fl_simulator.py`` through the
+simulator); a multi-site protocol needs real sites, see ``docs/protocols.md``.
 """
 
 from __future__ import annotations
