@@ -54,6 +54,7 @@ class _Engine:
     num_train_cases = 1
 
     def __init__(self):
+        self.config = load_config("stage1_test")  # as the real Engine has it
         self.step = 0
         self.weights = {"swinViT.w": np.zeros(3, np.float32), BUFFER: np.arange(4, dtype=np.float32)}
 
