@@ -42,9 +42,13 @@ class ModelConfig:
     dropout: float = 0.0
     use_checkpoint: bool = False
     # the previous stage's model (any layout bsf.model.import_weights reads); its encoder is loaded,
-    # its input channels adapted by modality name from pretrained_modalities to data.modalities
+    # its input channels adapted by modality name from pretrained_modalities to the model's channels
     pretrained: str | None = None
     pretrained_modalities: list[str] = field(default_factory=lambda: ["t1", "flair"])
+    # a modality-aware model: its input channels by name, the federation's union in the canonical order
+    # (t1, t1ce, t2, flair; bsf.federation.modality); a site feeds its data.modalities and leaves the others
+    # empty. Empty: the model's channels are data.modalities (or the data set's full set), as before
+    modalities: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -112,6 +116,9 @@ class TransformsConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     crop: CropConfig = field(default_factory=CropConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # probability that a training crop has a random subset of its present modalities emptied (at least one kept;
+    # seeded from the sample, bsf.data.transforms.RandModalityDropoutd), SSL and fine-tuning; 0: off
+    modality_dropout: float = 0.0
 
 
 @dataclass
@@ -507,8 +514,9 @@ def validate(config: RunConfig) -> None:
         (config.model.in_channels >= 1, "model.in_channels must be >= 1"),
         (config.model.out_channels >= 1, "model.out_channels must be >= 1"),
         (0 <= config.model.dropout < 1, "model.dropout must be in [0, 1)"),
-        (not config.data.modalities or len(config.data.modalities) == config.model.in_channels,
+        (bool(config.model.modalities) or not config.data.modalities or len(config.data.modalities) == config.model.in_channels,
          "data.modalities must name one modality per model.in_channels"),
+        *_modality_checks(config),
         (config.stage == "ssl" or config.data.dataset != "ukb", "stage finetune needs labelled data: data.dataset brats or atlas"),
         (0 <= config.finetune.sw_overlap < 1, "finetune.sw_overlap must be in [0, 1)"),
         (config.finetune.encoder_lr_scale >= 0, "finetune.encoder_lr_scale must be >= 0"),
@@ -551,6 +559,30 @@ def validate(config: RunConfig) -> None:
     for ok, message in [*checks, *_transforms_checks(config)]:
         if not ok:
             raise ConfigError(message)
+
+
+def _modality_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """A modality-aware model (``model.modalities``): canonical names in the canonical order, one per
+    ``model.in_channels``, and the site's ``data.modalities`` among them; ``data.transforms.modality_dropout`` a probability."""
+    from bsf.data.index import MODALITIES
+    from bsf.federation.modality import MODALITY_ORDER
+
+    model, dropout = config.model.modalities, config.data.transforms.modality_dropout
+    checks = [(0 <= dropout <= 1, f"data.transforms.modality_dropout must be in [0, 1], got {dropout}")]
+    if not model:
+        return checks
+    held = config.data.modalities or MODALITIES[config.data.dataset]
+    canonical = [m for m in MODALITY_ORDER if m in model]
+    return [
+        *checks,
+        (all(m in MODALITY_ORDER for m in model) and list(model) == canonical,
+         f"model.modalities {list(model)}: must be distinct canonical names in the order {', '.join(MODALITY_ORDER)}"
+         + (f" (here {canonical})" if canonical and len(canonical) == len(model) else "")),
+        (len(model) == config.model.in_channels,
+         f"model.modalities names {len(model)} channel(s) but model.in_channels is {config.model.in_channels}"),
+        (all(m in model for m in held) and len(set(held)) == len(held),
+         f"data.modalities {list(held)} (what this site holds) must be distinct names among model.modalities {list(model)}"),
+    ]
 
 
 def _transforms_checks(config: RunConfig) -> list[tuple[bool, str]]:

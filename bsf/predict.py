@@ -38,13 +38,14 @@ from torch import nn
 from bsf.config import DataConfig, RunConfig, load_config
 from bsf.data.check import ERROR, case_header_problems
 from bsf.data.pipeline import CheckedLoadd, CompactImaged, as_data_error, deterministic_transforms
-from bsf.data.transforms import INTENSITY_ONLY
+from bsf.data.transforms import INTENSITY_ONLY, ModelChannelsd
 from bsf.engine.engine import resolve_device
 from bsf.engine.stage_model import input_modalities
 from bsf.errors import CheckpointError, ConfigError, DataError
 from bsf.inference import build_network, segment
 from bsf.io import atomic_path
 from bsf.model import import_weights, read_checkpoint
+from bsf.model.adapt import MODALITY_ALIASES, canonical_modality
 from bsf.outputs import check_output_file, reported_write
 
 log = logging.getLogger(__name__)
@@ -199,10 +200,40 @@ def load_finetuned(
 # ----------------------------------------------------------------------------------------- inputs
 @dataclass
 class CaseInputs:
-    """One case's image files in the model's channel order."""
+    """One case's image files: in the model's channel order, or named (``modalities``), a subset of the model's channels."""
 
     files: list[Path]
     brats2023_names: bool = False  # found through the 2023+ names (t2f, t1c, t1n, t2w)
+    modalities: list[str] | None = None  # the modality of each file (given as name=path); None: the model's channels
+
+
+def _named_input(item: str | os.PathLike) -> tuple[str, Path] | None:
+    """``"t1=/x/a.nii.gz"`` -> ``("t1", Path("/x/a.nii.gz"))`` (canonical name); None for a plain path (also one with
+    a ``=`` in it that exists as it is)."""
+    text = os.fspath(item)
+    name, sep, path = text.partition("=")
+    if not sep or Path(text).exists() or name.strip().lower().replace("-", "_") not in MODALITY_ALIASES:
+        return None
+    return canonical_modality(name), Path(path)
+
+
+def _named_inputs(inputs: Sequence[str | os.PathLike], config: RunConfig) -> CaseInputs:
+    """Inputs given as ``modality=path``: each a model channel, none twice; the channels not given stay empty."""
+    named = [_named_input(item) for item in inputs]
+    if any(entry is None for entry in named):
+        plain = [os.fspath(item) for item, entry in zip(inputs, named) if entry is None]
+        raise DataError(f"inputs mix modality=path with plain paths ({', '.join(plain)}); name every file, e.g. t1=case_t1.nii.gz")
+    channels = input_modalities(config)
+    names = [name for name, _ in named]
+    foreign = [name for name in names if name not in channels]
+    if foreign:
+        raise DataError(f"input modalities {foreign}: the model's channels are {', '.join(channels)}")
+    if len(set(names)) != len(names):
+        raise DataError(f"input modalities {names}: a modality is given twice")
+    for _, path in named:
+        if not path.is_file() or not _is_nifti(path):
+            raise DataError(f"input file {path}: {'no such file' if not path.exists() else 'not a NIfTI file (.nii or .nii.gz)'}")
+    return CaseInputs([path for _, path in named], modalities=names)
 
 
 def _is_nifti(path: Path) -> bool:
@@ -250,11 +281,13 @@ def _atlas_folder(folder: Path) -> CaseInputs:
 
 
 def check_input_paths(inputs: Sequence[str | os.PathLike]) -> None:
-    """DataError naming the first input path that does not exist (checked before a model is loaded)."""
+    """DataError naming the first input path (plain, or of a ``modality=path``) that does not exist (checked before a
+    model is loaded)."""
     if not inputs:
         raise DataError("no input: give a case folder or NIfTI files")
     for item in inputs:
-        path = Path(item)
+        named = _named_input(item)
+        path = named[1] if named is not None else Path(item)
         if not path.exists():
             raise DataError(f"input {'file' if _is_nifti(path) else 'file or folder'} {path}: no such file")
 
@@ -264,11 +297,15 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike], config: RunConfig) -> Ca
 
     ``inputs`` is one case folder (BraTS: the four modalities found by their suffix, 2021 ``_flair``, ``_t1ce``,
     ``_t1``, ``_t2`` or 2023+ ``-t2f``, ``-t1c``, ``-t1n``, ``-t2w``; ATLAS: the one ``*_T1w.nii.gz`` below it),
-    or NIfTI files already in the model's order (``data.modalities``, else the data set's full set).
+    or NIfTI files already in the model's order (``model.modalities``, else ``data.modalities``, else the data set's
+    full set), or named files ``modality=path`` (e.g. ``t1=a.nii.gz flair=b.nii.gz``), any subset of the model's
+    channels: the others are fed as empty channels, the path a model trained with modality dropout knows.
 
     Raises:
         DataError: a missing file (named), a folder without a modality, or the wrong number of files.
     """
+    if inputs and any(_named_input(item) is not None for item in inputs):
+        return _named_inputs(inputs, config)
     paths = [Path(p) for p in inputs]
     modalities = input_modalities(config)
     if not paths:
@@ -400,10 +437,19 @@ def predict_case(
     except RuntimeError as exc:
         raise as_data_error(exc) from None
     image = data["image"]
-    if image.shape[0] != config.model.in_channels:
-        raise DataError(f"{case.files[0]}: {image.shape[0]} channel(s) loaded; the model takes {config.model.in_channels}")
+    if image.shape[0] != len(case.files):
+        raise DataError(f"{case.files[0]}: {image.shape[0]} channel(s) loaded from {len(case.files)} file(s); give 3-D images")
+    network_input = image.as_tensor()
+    if case.modalities is not None and case.modalities != finetuned.modalities:
+        layout = ModelChannelsd(case.modalities, finetuned.modalities)
+        if layout.missing():
+            log.warning("missing modalities %s: fed as empty channels (the model's channels: %s)",
+                        ", ".join(layout.missing()), ", ".join(finetuned.modalities))
+        network_input = layout.expand(network_input)
+    if network_input.shape[0] != config.model.in_channels:
+        raise DataError(f"{case.files[0]}: {network_input.shape[0]} channel(s) loaded; the model takes {config.model.in_channels}")
     network = model if model is not None else finetuned.model
-    regions = segment(network, image.as_tensor()[None].to(finetuned.device), config, progress=progress)[0].cpu()
+    regions = segment(network, network_input[None].to(finetuned.device), config, progress=progress)[0].cpu()
     et = et_label if et_label is not None else finetuned.et_label(case.brats2023_names)
     labels = regions_to_labels(regions, et)
     pred = MetaTensor(torch.from_numpy(labels[None].astype(np.float32)), meta=dict(image.meta))
@@ -460,7 +506,7 @@ def predict_to_file(
         raise DataError(f"output {output}: must end in .nii.gz or .nii")
     case = resolve_inputs(inputs, finetuned.config)
     check_output_file(output, inputs=[*case.files, *inputs], force=force)
-    for modality, path in zip(finetuned.modalities, case.files):
+    for modality, path in zip(case.modalities or finetuned.modalities, case.files):
         log.info("input %s: %s", modality, path)
     prediction = predict_case(finetuned, case, progress=progress, max_voxels=max_voxels)
     save_label_map(prediction.labels, prediction.reference, output)

@@ -23,7 +23,7 @@ from monai.transforms import CenterSpatialCropd, Compose, EnsureTyped, LoadImage
 from torch.utils.data import DataLoader, Sampler
 
 from bsf.data.cases import list_cases
-from bsf.data.transforms import build_steps, preprocessing_steps, steps_key
+from bsf.data.transforms import build_steps, model_channels, preprocessing_steps, steps_key
 from bsf.config import DataConfig
 from bsf.errors import DataError
 from bsf.io import atomic_torch_save, sweep_stale_temp_files
@@ -360,16 +360,21 @@ def train_loader(stream: SampleStream, sampler: StepSampler, num_workers: int) -
     )
 
 
-def validation_volumes(cases: list[Case], cfg: DataConfig, label_transform: Transform | None = None) -> list[Case]:
-    """Each validation case preprocessed like training data, uncropped: ``{"image": (C, X, Y, Z)[, "label"]}``."""
+def validation_volumes(
+    cases: list[Case], cfg: DataConfig, label_transform: Transform | None = None, channels: Sequence[str] = ()
+) -> list[Case]:
+    """Each validation case preprocessed like training data, uncropped: ``{"image": (C, X, Y, Z)[, "label"]}``;
+    with the model's ``channels`` (by modality name), the modalities it does not hold as empty channels."""
     transform = deterministic_transforms(cfg, label_transform)
+    layout = model_channels(cfg, channels)
     try:
-        return [transform(case) for case in cases]
+        volumes = [transform(case) for case in cases]
     except RuntimeError as exc:
         raise as_data_error(exc) from None
+    return volumes if layout is None else [layout(volume) for volume in volumes]
 
 
-def validation_crops(cases: list[Case], cfg: DataConfig) -> list[torch.Tensor]:
-    """One centre crop per validation case, loaded once: list of (C, *roi) tensors."""
+def validation_crops(cases: list[Case], cfg: DataConfig, channels: Sequence[str] = ()) -> list[torch.Tensor]:
+    """One centre crop per validation case, loaded once: list of (C, *roi) tensors (C: the model's ``channels``)."""
     crop = CenterSpatialCropd(keys="image", roi_size=list(cfg.roi))
-    return [crop(volume)["image"] for volume in validation_volumes(cases, cfg)]
+    return [crop(volume)["image"] for volume in validation_volumes(cases, cfg, channels=channels)]

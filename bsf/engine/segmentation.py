@@ -15,7 +15,7 @@ from torch import nn
 from bsf.config import RunConfig
 from bsf.data.pipeline import validation_volumes
 from bsf.data.transforms import random_transforms
-from bsf.engine.stage_model import load_pretrained_if_configured
+from bsf.engine.stage_model import input_modalities, load_pretrained_if_configured
 from bsf.errors import DataError
 from bsf.inference import build_network, segment
 from bsf.metrics import BRATS_REGIONS, brats_dice, brats_regions, dice_score
@@ -116,7 +116,7 @@ class SegmentationTask:
     def random_transforms(self) -> Compose:
         """Crops of ``data.roi`` (``data.transforms.crop``: random, or centred on lesion voxels) and the
         ``data.transforms.augment`` flips, rotations and intensity jitter, on image and label."""
-        return random_transforms(self.config.data, with_label=True)
+        return random_transforms(self.config.data, with_label=True, channels=input_modalities(self.config))
 
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``batch["image"]`` (N, C, *roi), ``batch["label"]`` (N, K, *roi) -> Dice loss.
@@ -130,7 +130,7 @@ class SegmentationTask:
 
     def validation_items(self, cases: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         """Whole preprocessed volumes: ``{"image": (C, X, Y, Z), "label": (K, X, Y, Z)}`` per validation case."""
-        return validation_volumes(cases, self.config.data, self.label_transform)
+        return validation_volumes(cases, self.config.data, self.label_transform, input_modalities(self.config))
 
     @torch.no_grad()
     def validate(self, model: nn.Module, items: list[Mapping[str, torch.Tensor]], generator: torch.Generator, device: torch.device) -> dict[str, float]:

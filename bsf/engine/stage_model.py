@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from bsf.config import RunConfig
-from bsf.data.index import MODALITIES
+from bsf.data.transforms import held_modalities
 from bsf.model.pretrained import load_pretrained_encoder
 
 
 def input_modalities(config: RunConfig) -> list[str]:
-    """The model's input channels by modality name: ``data.modalities`` or the data set's full set."""
-    return list(config.data.modalities) or MODALITIES[config.data.dataset]
+    """The model's input channels by modality name: ``model.modalities`` (a modality-aware model), else
+    ``data.modalities`` or the data set's full set."""
+    return list(config.model.modalities) or held_modalities(config.data)
 
 
 def load_pretrained_if_configured(model: nn.Module, config: RunConfig) -> None:

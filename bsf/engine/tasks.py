@@ -13,7 +13,7 @@ from bsf.config import RunConfig
 from bsf.data.pipeline import validation_crops
 from bsf.data.transforms import random_transforms
 from bsf.engine.segmentation import SegmentationTask
-from bsf.engine.stage_model import load_pretrained_if_configured
+from bsf.engine.stage_model import input_modalities, load_pretrained_if_configured
 from bsf.model import SSLModel
 from bsf.ssl import CorruptionConfig, SSLLoss, make_ssl_views
 
@@ -71,7 +71,7 @@ class SSLTask:
 
     def random_transforms(self) -> Compose:
         """``data.crops_per_volume`` crops of ``data.roi`` per volume (``data.transforms.crop``), no augmentation."""
-        return random_transforms(self.config.data, with_label=False)
+        return random_transforms(self.config.data, with_label=False, channels=input_modalities(self.config))
 
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``batch["image"]``: (N, C, *roi) crops -> total loss and its unweighted parts."""
@@ -81,7 +81,7 @@ class SSLTask:
 
     def validation_items(self, cases: list[dict[str, Any]]) -> list[torch.Tensor]:
         """One centre crop (C, *roi) per validation case."""
-        return validation_crops(cases, self.config.data)
+        return validation_crops(cases, self.config.data, input_modalities(self.config))
 
     @torch.no_grad()
     def validate(self, model: nn.Module, items: list[torch.Tensor], generator: torch.Generator, device: torch.device) -> dict[str, float]:

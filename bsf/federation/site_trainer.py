@@ -7,7 +7,8 @@ exchanged, without its constant buffers (:mod:`bsf.federation.payload`); everyth
 at the site.
 
 What leaves the site (see :meth:`SiteTrainer.train`): the aggregated weights or their
-difference, the step count, the number of training cases, and scalar metrics. Never images,
+difference, the step count, the number of training cases, scalar metrics, and with a modality-aware
+model (``model.modalities``) the names of the modalities the site holds. Never images,
 file names or per-case values.
 """
 
@@ -25,6 +26,8 @@ import numpy as np
 
 from bsf.config import FederationConfig
 from bsf.errors import CheckpointError
+from bsf.data.transforms import held_modalities
+from bsf.federation.modality import META_MODALITIES
 from bsf.federation.payload import exchanged
 from bsf.io import atomic_write_json
 
@@ -210,6 +213,8 @@ class SiteTrainer:
             "num_cases": int(self.engine.num_train_cases),
             "site_step": int(self.engine.step),
         }
+        if self.engine.config.model.modalities:  # modality-aware model: the server averages a modality's filters over its sites
+            meta[META_MODALITIES] = held_modalities(self.engine.config.data)
         self.rounds_done = current_round
         self._append_log(current_round, metrics, records, time.perf_counter() - started)
         self._save_resume(current_round)

@@ -25,18 +25,23 @@ Robust rules (``federation.robust``: norm clipping, trimmed mean, median; :mod:`
 replace the streaming mean: the aggregator keeps the round's accepted differences and applies the rule
 when the round closes; the round meta's ``robust`` entry says which rule, every site's update norm, the
 bound, and whose update was clipped by which factor.
+
+A modality-aware model (``model.modalities``, :mod:`bsf.federation.modality`): the first layer's filters of
+each modality are averaged over the sites whose result meta ``modalities`` names it (a malformed claim is
+rejected; no claim counts as every modality); the round meta's ``modalities`` entry lists each site's.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from bsf.config import ROBUST_RULES, WEIGHTINGS, FederationConfig
 from bsf.errors import ConfigError
+from bsf.federation.modality import ModalityAggregation, ModalityMetaError
 from bsf.federation.robust import RobustRule, robust_aggregate
 
 log = logging.getLogger(__name__)
@@ -218,11 +223,13 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         max_cases: the largest training set a site may claim: the bound of a ``cases`` claim.
         robust, clip_bound, clip_multiple, trim_fraction: the robust rule (``federation.*`` keys of the same
             names; :class:`~bsf.federation.robust.RobustRule`); ``none``: the weighted mean.
+        modalities: the model's input channels by name (``model.modalities``): each modality's first-layer
+            filters averaged over the sites holding it; empty: over all sites.
     """
 
     def __init__(self, weigh_by: str = "steps", min_accepted: int = 1, expected_steps: int | None = None,
                  max_cases: int = MAX_CLAIM, robust: str = "none", clip_bound: float = 0.0, clip_multiple: float = 0.0,
-                 trim_fraction: float = 0.2):
+                 trim_fraction: float = 0.2, modalities: Sequence[str] = ()):
         super().__init__()
         if weigh_by not in WEIGHTINGS:
             raise ConfigError(f"weigh_by must be one of {WEIGHTINGS}, got {weigh_by!r}")
@@ -238,6 +245,10 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         self.robust, self.clip_bound, self.clip_multiple, self.trim_fraction = robust, clip_bound, clip_multiple, trim_fraction
         rule = RobustRule(robust, clip_bound, clip_multiple, trim_fraction)
         self.rule = rule if rule.needs_all_updates else None
+        if modalities and self.rule is not None:
+            raise ConfigError(f"robust rule {robust} is not supported with per-modality aggregation (model.modalities) yet")
+        self.modalities = tuple(modalities)  # NVFlare's job export reads the constructor's arguments back by name
+        self.by_modality = ModalityAggregation(self.modalities) if self.modalities else None
         self._updates: list[tuple[str, dict[str, np.ndarray], float]] = []  # the round's updates (robust rules)
         self._mean = WeightedMean()
         self._params_type = None
@@ -248,10 +259,11 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         self._first_update: dict[str, np.ndarray] | None = None
 
     @classmethod
-    def for_federation(cls, fed: FederationConfig) -> "CheckedFedAvgAggregator":
-        """The aggregator of a job's (validated) federation section."""
+    def for_federation(cls, fed: FederationConfig, modalities: Sequence[str] = ()) -> "CheckedFedAvgAggregator":
+        """The aggregator of a job's (validated) federation section and its model's ``model.modalities``."""
         return cls(weigh_by=fed.weigh_by, min_accepted=fed.min_clients, expected_steps=fed.local_steps, robust=fed.robust,
-                   clip_bound=fed.clip_bound, clip_multiple=fed.clip_multiple, trim_fraction=fed.trim_fraction)
+                   clip_bound=fed.clip_bound, clip_multiple=fed.clip_multiple, trim_fraction=fed.trim_fraction,
+                   modalities=modalities)
 
     @property
     def max_weight(self) -> float:
@@ -284,6 +296,8 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         self._rejected = []
         self._notes = {}
         self._first_update = None
+        if self.by_modality is not None:
+            self.by_modality.reset()
 
     def accept_model(self, model: FLModel) -> bool:
         meta = model.meta or {}
@@ -301,11 +315,17 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         if problems:
             return self.reject(site, "; ".join(problems))
         weight, note = update_weight(meta, self.weigh_by, self.max_weight)
+        params = model.params
+        if self.by_modality is not None:
+            try:
+                params = self.by_modality.take(params, weight, self.by_modality.held(meta), site)
+            except ModalityMetaError as exc:
+                return self.reject(site, str(exc))
         if note:
             self._notes[site] = note
             log.warning("site %s: %s", site, note)
         self._params_type = params_type
-        self._mean.add({} if self.rule is not None else model.params, weight, site)
+        self._mean.add({} if self.rule is not None else params, weight, site)
         if self.rule is not None:
             self._updates.append((site, {k: np.asarray(v, dtype=np.float32) for k, v in model.params.items()}, weight))
         elif len(self._mean) == 1:
@@ -350,6 +370,10 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
                 params = self._first_update  # one accepted update: bit for bit (a weighted mean of one can differ by an ulp)
             else:
                 params = self._mean.result()
+            if self.by_modality is not None:
+                meta["modalities"] = self.by_modality.round_meta()
+                if params is not self._first_update:
+                    params = self.by_modality.finish(params)
             result = FLModel(params=params, params_type=self._params_type, meta=meta)
             if rejected:
                 log.warning("aggregated %d update(s) without the rejected site(s) %s", len(accepted), rejected)

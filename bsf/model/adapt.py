@@ -47,17 +47,20 @@ import torch
 from torch import Tensor
 
 from bsf.errors import CheckpointError, ConfigError
+from bsf.federation.modality import MODALITY_ORDER, PATCH_EMBED_WEIGHT
 from bsf.model.checkpoint import normalize_checkpoint_keys, save_encoder, select_weights
 
 __all__ = [
     "PATCH_EMBED_WEIGHT",
     "MODALITY_ALIASES",
+    "MODALITY_ORDER",
     "STAGE1_MODALITIES",
     "BRATS_MODALITIES",
     "ATLAS_MODALITIES",
     "AdaptationReport",
     "canonical_modality",
     "canonical_modalities",
+    "union_modalities",
     "plan_channel_adaptation",
     "adapt_input_channels",
     "adapt_checkpoint",
@@ -65,10 +68,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The only encoder tensor whose shape depends on the number of input channels.
-PATCH_EMBED_WEIGHT = "swinViT.patch_embed.proj.weight"
-
-#: Accepted spellings (lower case; ``-`` and spaces read as ``_``) -> canonical modality name.
+#: Accepted spellings (lower case; ``-`` and spaces read as ``_``) -> canonical modality name (one of
+#: :data:`MODALITY_ORDER`, the fixed channel order of a modality-aware model; ``PATCH_EMBED_WEIGHT``, the only
+#: encoder tensor whose shape depends on the number of input channels, is defined beside it).
 MODALITY_ALIASES: dict[str, str] = {
     **dict.fromkeys(("t1", "t1w", "t1n"), "t1"),
     **dict.fromkeys(("flair", "t2_flair", "t2flair", "t2f"), "flair"),
@@ -117,6 +119,20 @@ def canonical_modalities(names: Sequence[str], what: str = "modalities") -> tupl
     if unknown:
         raise ConfigError(f"unknown modalities in {what}: {', '.join(map(repr, unknown))}; {_valid_names()}")
     return tuple(out)
+
+
+def union_modalities(*groups: Sequence[str]) -> tuple[str, ...]:
+    """The channels of a modality-aware model for sites holding ``groups``: their union in :data:`MODALITY_ORDER`.
+
+    ``union_modalities(["t1", "flair"], ["flair", "t1ce", "t1", "t2"], ["t1w"])`` -> ``("t1", "t1ce", "t2", "flair")``.
+
+    Raises:
+        ConfigError: an unknown name, or no group.
+    """
+    if not groups:
+        raise ConfigError("union_modalities needs at least one list of modalities")
+    names = {m for i, group in enumerate(groups) for m in canonical_modalities(group, f"modalities of group {i}")}
+    return tuple(m for m in MODALITY_ORDER if m in names)
 
 
 def _valid_names() -> str:

@@ -21,7 +21,7 @@ The allow-list (everything else is refused, naming the field):
   NVFlare's ``initial_metrics`` (metrics, above), the names NVFlare's DP filters add
   (``filter_history``: :data:`DP_FILTERS`; SVT's accounting records of :data:`SVT_FIELDS`), identifiers
   NVFlare may echo (``job_id``, ``site_name``, ``client_name``, ``task_id``: :data:`IDENTIFIER`),
-  ``validate_type`` (NVFlare's two values);
+  ``validate_type`` (NVFlare's two values), ``modalities`` (what the site holds: distinct canonical names);
 * **headers**: only the names of :data:`HEADER_RULES`, the ones NVFlare sets on a task result
   (``__content_type__`` = ``DXO``, ``start_round``/``current_round``/``num_rounds`` bounded ints,
   ``_validate_type``, ``__rc__`` = ``OK``, task name/id and audit id as identifiers);
@@ -56,6 +56,7 @@ from typing import Any, Callable, Collection, Mapping
 import numpy as np
 
 from bsf.errors import BSFError
+from bsf.federation.modality import META_MODALITIES, MODALITY_ORDER
 from bsf.fl.aggregation import FLOAT_DTYPES, MAX_CLAIM, META_NUM_CASES, META_NUM_STEPS
 
 AUDIT_FILE = "bsf_privacy_audit.jsonl"
@@ -202,6 +203,15 @@ def _filter_history(value: Any, where: str) -> list[str]:
             for v in value if type(v) is not str or v not in DP_FILTERS]
 
 
+def _modalities(value: Any, where: str) -> list[str]:
+    """The modalities a site holds (:data:`bsf.federation.modality.META_MODALITIES`): distinct canonical names."""
+    if type(value) is not list or not 1 <= len(value) <= len(MODALITY_ORDER):
+        return [f"{where} is a {_type(value)}, not a short list of modality names"]
+    problems = [f"{where} holds {_name(v)}, not one of {list(MODALITY_ORDER)}"
+                for v in value if type(v) is not str or v not in MODALITY_ORDER]
+    return problems or ([] if len(set(value)) == len(value) else [f"{where} repeats a modality"])
+
+
 def _svt_record(value: Any, where: str) -> list[str]:
     """NVFlare's SVT accounting record: its fields only; numbers, bools, ``None`` or its own fixed texts."""
     if not isinstance(value, Mapping):
@@ -232,6 +242,7 @@ META_RULES: dict[str, Rule] = {
     "client_name": _identifier,
     "task_id": _identifier,
     "validate_type": _one_of(VALIDATE_TYPES),
+    META_MODALITIES: _modalities,
 }
 #: header name -> rule (what NVFlare sets on a task result)
 HEADER_RULES: dict[str, Rule] = {
