@@ -1,21 +1,36 @@
-"""Does Stage 1 (+2) pretraining improve few-shot Stage 3 Dice over random initialisation? (synthetic data, CPU)
+"""Does Stage 1 pretraining help few-shot Stage 3, and does federated pretraining help as much? (synthetic data, resumable)
 
-    python benchmarks/pretraining_evidence.py --out /tmp/bsf_evidence            # ~40 min on 2 free CPU cores
-    python benchmarks/pretraining_evidence.py --out /tmp/e --tiny                # minutes: a smoke test of the script
+    .venv/bin/python benchmarks/pretraining_evidence.py --out /tmp/bsf_evidence    # the CPU run (docs/protocols.md)
+    .venv/bin/python benchmarks/pretraining_evidence.py --out /tmp/e --tiny        # minutes: the script end to end
 
-1. Synthesises UKB-like and BraTS-like subjects (``--spacing`` mm) once under ``OUT/data``; the BraTS cases are indexed
-   with the official 5-fold split (``OUT/data/brats.json``).
-2. Stage 1: SSL (``stage1_test``) on the UKB-like subjects, ``--stage1-steps`` steps; its encoder -> ``OUT/stage1_encoder.pt``.
-3. Stage 2: SSL (``stage2_brats_test``) on the BraTS-like cases outside the held-out fold ``--fold``, from the Stage 1
-   encoder, ``--stage2-steps`` steps (0: skip Stage 2); encoder -> ``OUT/stage2_encoder.pt``.
-4. Few-shot Stage 3 (``bsf experiment fewshot``, preset ``--preset``, default ``stage3_brats_test``): ``--percents`` of the
-   training cases, ``--subsets`` seeded subsets (= seeds), pretrained (the last encoder) vs from scratch, scored on the
-   held-out fold. Report: ``OUT/fewshot/report.md``.
-5. Prints, and writes to ``OUT/evidence.json``: mean ± sd over subsets per arm and the paired difference
-   (pretrained - scratch, same subset and seed).
+Three arms, fine-tuned with the same Stage 3 budget on the same cases with the same seed:
 
-Every step resumes: a finished stage (its encoder file) and finished few-shot runs are not redone. Numbers, not
-assertions: the answer may be either way, and the script says which.
+* ``scratch``: Stage 3 from the seeded random initialisation;
+* ``central``: Stage 3 from the encoder of one central Stage 1 run of ``--stage1-steps`` steps on all training
+  UKB-like subjects;
+* ``federated``: Stage 3 from the global encoder of a ``--sites``-site FedAvg federation with the same total number
+  of Stage 1 steps (``--stage1-steps / --sites`` per site, in rounds of ``--local-steps``), the training subjects
+  dealt out over the sites. It runs in this process with the project's site code and the server's weighted mean
+  (:class:`bsf.federation.site_trainer.SiteTrainer` per site, :class:`bsf.fl.aggregation.WeightedMean`; encoder
+  aggregated, SSL heads kept at each site, weights by steps), not through NVFlare: the same arithmetic without the
+  simulator's start-up and polling.
+
+Phases, each written under ``OUT`` and skipped or continued when the command is run again:
+
+1. ``data/``: ``--ukb-subjects`` UKB-like subjects (``--ukb-held-out`` of them held out to score the SSL models) and
+   ``--brats-subjects`` BraTS-like cases (``--brats-held-out`` held out to score Stage 3; the rest are the few-shot
+   pool), synthesised at ``--spacing`` mm; datalists with absolute paths.
+2. ``stage1_central/``, ``stage1_federated/``: checkpointed every ``--stage1-curve`` total steps (the held-out SSL
+   loss is measured there: the learning curve); a killed run continues from the last checkpoint, step for step as
+   if it had not stopped (every random draw of a step depends only on the seed and the step).
+3. ``stage3/<k>shot_s<s>_<arm>/result.json``: for ``k`` in ``--shots`` labelled cases and subset ``s`` in
+   ``0..--subsets-1`` (a permutation of the pool seeded with ``s``; the 1-case subset is inside the 2-case one), each
+   arm fine-tunes ``--stage3-steps`` steps with seed ``s`` and is scored (mean Dice of TC, WT, ET, sliding window,
+   last model) on the held-out cases every ``--curve-every`` steps. An unfinished run is redone.
+4. ``evidence.json``, ``report.md``, ``evidence.png``: held-out Dice per arm, paired differences (same subset and
+   seed) with 95 % t intervals, the learning curves, and what each phase cost (wall and CPU seconds, load average).
+
+Numbers, not assertions: the answer may go either way, and the report says which.
 """
 
 from __future__ import annotations
@@ -23,144 +38,403 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bsf.cli import main as bsf_main
-from bsf.config import load_config
-from bsf.data.index import index_dataset
+from bsf.config import FederationConfig, RunConfig, load_config
+from bsf.data.cases import list_cases
 from bsf.data.synth import synthesize
-from bsf.federation.export import export_global_encoder
+from bsf.engine import Engine
+from bsf.federation.site_trainer import SiteTrainer
 from bsf.io import atomic_write_json
-from bsf.train import train
 
 log = logging.getLogger("pretraining_evidence")
 
+ARMS = ("scratch", "central", "federated")
+PAIRS = (("central", "scratch"), ("federated", "scratch"), ("federated", "central"))
+PROGRESS = "progress.json"
 
-def synthetic_data(out: Path, ukb: int, brats: int, spacing: float) -> tuple[Path, Path]:
-    """UKB-like subjects and a BraTS-like datalist with the official folds (made once)."""
-    ukb_root, brats_root, datalist = out / "data" / "ukb", out / "data" / "brats", out / "data" / "brats.json"
-    marker = out / "data" / ".complete"
+
+def say(message: str) -> None:
+    print(f"[evidence] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    ukb_central: Path  # all training subjects, the held-out ones as validation
+    ukb_sites: list[Path]  # one datalist per site, the same validation list
+    brats_pool: list[dict[str, Any]]  # few-shot training pool (cases with absolute paths)
+    brats_held_out: list[dict[str, Any]]
+    brats_header: dict[str, Any]
+
+
+def make_data(out: Path, args: argparse.Namespace) -> Data:
+    """Synthesise the subjects once (``data/.complete`` marks it) and write the Stage 1 datalists."""
+    data = out / "data"
+    ukb_root, brats_root = data / "ukb", data / "brats"
+    marker = data / ".complete"
     if not marker.is_file():
-        synthesize("ukb", ukb, ukb_root, spacing=spacing, seed=1)
-        synthesize("brats", brats, brats_root, spacing=spacing, seed=2)
-        atomic_write_json(index_dataset("brats", brats_root).datalist, datalist)
-        marker.write_text(f"ukb {ukb} brats {brats} spacing {spacing}\n")
-    return ukb_root, datalist
+        synthesize("ukb", args.ukb_subjects, ukb_root, spacing=args.spacing, seed=1)
+        synthesize("brats", args.brats_subjects, brats_root, spacing=args.spacing, seed=2)
+        marker.write_text(json.dumps({"ukb": args.ukb_subjects, "brats": args.brats_subjects, "spacing": args.spacing}) + "\n")
+    made = json.loads(marker.read_text())
+    wanted = {"ukb": args.ukb_subjects, "brats": args.brats_subjects, "spacing": args.spacing}
+    if made != wanted:
+        raise SystemExit(f"{data} was made with {made}, this command asks for {wanted}: use another --out")
+    ukb = list_cases("ukb", root=ukb_root)
+    subjects, held = ukb.training[: -args.ukb_held_out], ukb.training[-args.ukb_held_out :]
+    if len(subjects) < args.sites:
+        raise SystemExit(f"--ukb-subjects {args.ukb_subjects}: {len(subjects)} training subjects for {args.sites} sites")
+    header = {"dataset": "ukb", "modalities": ukb.header["modalities"]}
+    central = data / "ukb_central.json"
+    atomic_write_json({**header, "training": subjects, "validation": held}, central)
+    sites = []
+    for i in range(args.sites):
+        path = data / f"ukb_site{i + 1}.json"
+        atomic_write_json({**header, "training": subjects[i :: args.sites], "validation": held}, path)
+        sites.append(path)
+    brats = list_cases("brats", root=brats_root)
+    pool, held_brats = brats.training[: -args.brats_held_out], brats.training[-args.brats_held_out :]
+    if len(pool) < max(args.shots):
+        raise SystemExit(f"--brats-subjects {args.brats_subjects}: a pool of {len(pool)} cases cannot give {max(args.shots)} shots")
+    return Data(central, sites, pool, held_brats, {"dataset": "brats", "modalities": brats.header["modalities"]})
 
 
-def pretrain(name: str, preset: str, overrides: list[str], out: Path) -> Path:
-    """Train one SSL stage centrally and export its encoder (skipped when the encoder exists)."""
-    encoder = out / f"{name}_encoder.pt"
+# --------------------------------------------------------------------------- checkpoints
+class Phase:
+    """A resumable phase folder: ``progress.json`` names the engine checkpoints of its last commit."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / PROGRESS
+        self.progress: dict[str, Any] | None = json.loads(path.read_text()) if path.is_file() else None
+
+    def restore(self, engines: Mapping[str, Engine]) -> None:
+        for name, engine in engines.items():
+            engine.load_checkpoint(self.folder / self.progress["checkpoints"][name])
+
+    def commit(self, progress: dict[str, Any], engines: Mapping[str, Engine], tag: str) -> None:
+        """Write the engines' checkpoints for ``tag``, then ``progress.json`` naming them, then drop older ones."""
+        files = {name: f"{name}_{tag}.pt" for name in engines}
+        for name, engine in engines.items():
+            engine.save_checkpoint(self.folder / files[name])
+        atomic_write_json({**progress, "checkpoints": files}, self.folder / PROGRESS)
+        for old in self.folder.glob("*.pt"):
+            if old.name not in files.values():
+                old.unlink()
+        self.progress = {**progress, "checkpoints": files}
+
+
+class Clock:
+    """Wall and process CPU seconds, accumulated across resumed invocations."""
+
+    def __init__(self, before: Mapping[str, float] | None = None):
+        self.before = dict(before or {"wall_s": 0.0, "cpu_s": 0.0})
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def totals(self) -> dict[str, float]:
+        return {"wall_s": round(self.before["wall_s"] + time.perf_counter() - self.wall, 1),
+                "cpu_s": round(self.before["cpu_s"] + time.process_time() - self.cpu, 1)}
+
+
+def stage1_config(args: argparse.Namespace, datalist: Path, steps: int, out: Path) -> RunConfig:
+    return load_config(args.stage1_preset, [
+        f"data.datalist={datalist}", "data.root=''", f"train.steps={steps}", "train.val_every=0",
+        "train.progress=false", f"train.output_dir={out}", *args.stage1_set,
+    ])
+
+
+def export(engine: Engine, path: Path) -> Path:
+    from bsf.model import save_encoder
+
+    save_encoder(engine.model, path)
+    return path
+
+
+def stage1_central(args: argparse.Namespace, data: Data, out: Path) -> tuple[Path, dict[str, Any]]:
+    """Central Stage 1: ``--stage1-steps`` steps, the held-out SSL loss every ``--stage1-curve`` steps."""
+    phase, encoder = Phase(out / "stage1_central"), out / "stage1_central_encoder.pt"
     if encoder.is_file():
-        print(f"[evidence] {name}: done before ({encoder})", flush=True)
-        return encoder
-    config = load_config(preset, [*overrides, f"train.output_dir={out / name}", "train.progress=false"])
-    started = time.perf_counter()
-    summary = train(config)
-    losses = [s["loss"] for s in summary["train"]]
-    export_global_encoder(out / name / "checkpoint_best.pt", encoder)
-    print(
-        f"[evidence] {name}: {summary['steps_done']} steps in {time.perf_counter() - started:.0f} s, "
-        f"loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}, best {summary['best']}",
-        flush=True,
-    )
-    return encoder
+        say(f"stage 1 central: done before ({encoder})")
+        return encoder, phase.progress
+    engine = Engine(stage1_config(args, data.ukb_central, args.stage1_steps, phase.folder))
+    progress = phase.progress or {"train": [], "curve": [], "cost": None}
+    if phase.progress:
+        phase.restore({"engine": engine})
+        say(f"stage 1 central: continuing at step {engine.step}")
+    clock = Clock(progress["cost"])
+    while engine.step < args.stage1_steps:
+        progress["train"] += engine.train_steps(min(args.stage1_curve, args.stage1_steps - engine.step))
+        progress["curve"].append({"steps": engine.step, **engine.validate()})
+        progress["cost"] = clock.totals()
+        phase.commit(progress, {"engine": engine}, f"step{engine.step}")
+        say(f"stage 1 central: step {engine.step}/{args.stage1_steps}, held-out SSL loss {progress['curve'][-1]['val_loss']:.4f}, "
+            f"{progress['cost']['wall_s']:.0f} s")
+    return export(engine, encoder), progress
 
 
-def summarise(records: list[dict], metric: str) -> dict:
-    """Per percentage: mean ± sd per arm over subsets, and the paired differences (pretrained - scratch)."""
-    out = {}
-    for percent in sorted({r["labels"]["percent"] for r in records}):
-        arms: dict[str, dict[int, float]] = {}
-        for r in records:
-            if r["labels"]["percent"] == percent:
-                arms.setdefault(r["labels"]["arm"], {})[r["labels"]["subset"]] = r["metrics"][metric]
-        entry = {arm: {"per_subset": v, "mean": float(np.mean(list(v.values()))), "sd": float(np.std(list(v.values()), ddof=1)) if len(v) > 1 else 0.0}
-                 for arm, v in arms.items()}
-        if {"pretrained", "scratch"} <= set(arms):
-            paired = [arms["pretrained"][s] - arms["scratch"][s] for s in arms["pretrained"] if s in arms["scratch"]]
-            entry["difference"] = {
-                "per_subset": paired,
-                "mean": float(np.mean(paired)),
-                "sd": float(np.std(paired, ddof=1)) if len(paired) > 1 else 0.0,
-                "pretrained_better": int(sum(d > 0 for d in paired)),
-                "n": len(paired),
-            }
-        out[f"{percent:g}"] = entry
+def stage1_federated(args: argparse.Namespace, data: Data, out: Path) -> tuple[Path, dict[str, Any]]:
+    """``--sites`` sites, FedAvg of the encoder by steps, ``--stage1-steps`` site steps in all."""
+    from bsf.fl.aggregation import WeightedMean
+
+    phase, encoder = Phase(out / "stage1_federated"), out / "stage1_federated_encoder.pt"
+    if encoder.is_file():
+        say(f"stage 1 federated: done before ({encoder})")
+        return encoder, phase.progress
+    per_site = args.stage1_steps // args.sites
+    rounds = per_site // args.local_steps
+    settings = FederationConfig(rounds=rounds, local_steps=args.local_steps, scope="encoder", min_clients=args.sites,
+                                validate_global=False, resume=False, cross_site_eval=False)
+    sites = [SiteTrainer(Engine(stage1_config(args, path, per_site, phase.folder / f"site{i + 1}")), settings, site=f"site-{i + 1}")
+             for i, path in enumerate(data.ukb_sites)]
+    engines = {trainer.site: trainer.engine for trainer in sites}
+    first = sites[0].engine.get_weights("encoder")
+    global_model = {k: first[k] for k in sites[0].scope_keys}  # the server's initial model: every site's seeded init
+    progress = phase.progress or {"rounds_done": 0, "train": {t.site: [] for t in sites}, "curve": [], "cost": None}
+    if phase.progress:
+        phase.restore(engines)
+        global_model = {k: np.asarray(v, dtype=np.float32) for k, v in np.load(phase.folder / progress["global"]).items()}
+        say(f"stage 1 federated: continuing at round {progress['rounds_done']}")
+    every = max(1, math.ceil(args.stage1_curve / (args.sites * args.local_steps)))
+    clock = Clock(progress["cost"])
+    for current_round in range(progress["rounds_done"], rounds):
+        mean = WeightedMean()
+        for trainer in sites:
+            result = trainer.train(global_model, current_round)
+            mean.add(result.params, result.meta["NUM_STEPS_CURRENT_ROUND"], trainer.site)
+            progress["train"][trainer.site] += result.records
+        difference = mean.result()
+        global_model = {k: global_model[k] + difference[k] for k in global_model}
+        progress["rounds_done"] = current_round + 1
+        total = progress["rounds_done"] * args.sites * args.local_steps
+        if progress["rounds_done"] % every == 0 or progress["rounds_done"] == rounds:
+            progress["curve"].append({"steps": total, **sites[0].validate(global_model)})  # site-1's heads, the global encoder
+        progress["cost"] = clock.totals()
+        tag = f"round{progress['rounds_done']}"
+        progress["global"] = f"global_{tag}.npz"
+        np.savez(phase.folder / progress["global"], **global_model)
+        phase.commit(progress, engines, tag)
+        for old in phase.folder.glob("global_*.npz"):
+            if old.name != progress["global"]:
+                old.unlink()
+        say(f"stage 1 federated: round {progress['rounds_done']}/{rounds} ({total} site steps), {progress['cost']['wall_s']:.0f} s")
+    sites[0].engine.set_weights(global_model)
+    return export(sites[0].engine, encoder), progress
+
+
+# --------------------------------------------------------------------------- stage 3
+def few_shot(pool: Sequence[dict[str, Any]], shots: int, subset: int) -> list[dict[str, Any]]:
+    """``shots`` cases of ``pool`` from a permutation seeded with ``subset`` (so smaller subsets nest in larger ones)."""
+    order = np.random.default_rng(subset).permutation(len(pool))[:shots]
+    return [pool[i] for i in sorted(order.tolist())]
+
+
+def stage3_run(args: argparse.Namespace, data: Data, arm: str, encoder: Path | None, shots: int, subset: int, out: Path) -> dict[str, Any]:
+    """Fine-tune one arm on one subset; the held-out Dice every ``--curve-every`` steps; ``result.json`` marks it done."""
+    run_dir = out / "stage3" / f"{shots}shot_s{subset}_{arm}"
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    chosen = few_shot(data.brats_pool, shots, subset)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json({**data.brats_header, "training": chosen, "validation": data.brats_held_out}, run_dir / "datalist.json")
+    start = [f"model.pretrained={encoder}", f"model.pretrained_modalities=[{args.pretrained_modalities}]"] if encoder else ["model.pretrained=null"]
+    config = load_config(args.stage3_preset, [
+        f"data.datalist={run_dir / 'datalist.json'}", "data.root=''", "data.fold=null", f"train.steps={args.stage3_steps}",
+        "train.val_every=0", "train.progress=false", f"train.output_dir={run_dir / 'train'}", f"seed={subset}", *start,
+        *args.stage3_set,
+    ])
+    clock = Clock()
+    engine = Engine(config)
+    train, curve = [], []
+    while engine.step < args.stage3_steps:
+        train += engine.train_steps(min(args.curve_every, args.stage3_steps - engine.step))
+        curve.append({"step": engine.step, **engine.validate()})
+    record = {
+        "arm": arm, "shots": shots, "subset": subset, "training_cases": [c["id"] for c in chosen],
+        "held_out": len(data.brats_held_out), "dice": curve[-1]["val_dice_mean"], "final": curve[-1], "curve": curve,
+        "train_loss": [r["loss"] for r in train], "cost": clock.totals(),
+    }
+    atomic_write_json(record, result_path)
+    say(f"stage 3 {shots} shot(s), subset {subset}, {arm}: held-out Dice {record['dice']:.4f} ({record['cost']['wall_s']:.0f} s)")
+    return record
+
+
+# --------------------------------------------------------------------------- statistics and report
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Mean of ``a - b`` over paired subsets, its sd and 95 % t interval, and how often ``a`` wins."""
+    from scipy import stats
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n = len(d)
+    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
+    return {"n": n, "mean": float(d.mean()), "sd": sd, "ci95": [float(d.mean()) - half, float(d.mean()) + half],
+            "wins": int((d > 0).sum()), "per_subset": d.tolist()}
+
+
+def summarise(records: list[dict[str, Any]], shots: Sequence[int], subsets: int) -> dict[str, Any]:
+    """Per shots: each arm's per-subset Dice, mean and sd, mean learning curve, and the paired differences."""
+    out: dict[str, Any] = {}
+    for k in shots:
+        dice = {arm: [next(r["dice"] for r in records if (r["arm"], r["shots"], r["subset"]) == (arm, k, s)) for s in range(subsets)]
+                for arm in ARMS}
+        points = {arm: np.array([[p["val_dice_mean"] for p in r["curve"]] for r in records if (r["arm"], r["shots"]) == (arm, k)])
+                  for arm in ARMS}  # (subsets, curve points)
+        steps = [p["step"] for p in records[0]["curve"]]
+        out[str(k)] = {
+            "arms": {arm: {"per_subset": v, "mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")}
+                     for arm, v in dice.items()},
+            "paired": {f"{a} - {b}": paired(dice[a], dice[b]) for a, b in PAIRS},
+            "curve": {"steps": steps, "mean": {a: v.mean(axis=0).tolist() for a, v in points.items()},
+                      "sd": {a: v.std(axis=0, ddof=1).tolist() for a, v in points.items()}},
+        }
     return out
 
 
+def plot(result: dict[str, Any], central: dict[str, Any], federated: dict[str, Any], path: Path) -> Path:
+    """Stage 1 losses (training, moving average; held-out) and Stage 3 held-out Dice per arm against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bsf.report import moving_average
+
+    shots = list(result["stage3"])
+    fig, axes = plt.subplots(1, 1 + len(shots), figsize=(5 * (1 + len(shots)), 4))
+    ax = axes[0]
+    window = max(1, len(central["train"]) // 30)
+    ax.plot(np.arange(1, len(central["train"]) + 1), moving_average([r["loss"] for r in central["train"]], window), label="central, training")
+    site_losses = np.mean([[r["loss"] for r in v] for v in federated["train"].values()], axis=0)  # mean over sites per local step
+    sites = len(federated["train"])
+    ax.plot(np.arange(1, len(site_losses) + 1) * sites, moving_average(site_losses.tolist(), max(1, window // sites)), label="federated, training (site mean)")
+    for name, progress in (("central", central), ("federated", federated)):
+        ax.plot([p["steps"] for p in progress["curve"]], [p["val_loss"] for p in progress["curve"]], "o--", label=f"{name}, held-out")
+    ax.set(xlabel="Stage 1 steps (all sites)", ylabel="SSL loss", title="Stage 1")
+    ax.legend(fontsize=7)
+    for ax, k in zip(axes[1:], shots):
+        curve = result["stage3"][k]["curve"]
+        for arm in ARMS:
+            mean, sd = np.array(curve["mean"][arm]), np.array(curve["sd"][arm])
+            ax.plot(curve["steps"], mean, "o-", label=arm)
+            ax.fill_between(curve["steps"], mean - sd, mean + sd, alpha=0.15)
+        ax.set(xlabel="Stage 3 steps", ylabel="held-out mean Dice (mean ± sd over subsets)", title=f"Stage 3, {k} labelled case(s)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(result: dict[str, Any], path: Path) -> Path:
+    lines = ["# Does pretraining help few-shot Stage 3? (synthetic data)", "", f"Command: `{result['command']}`", "",
+             f"Setting: {json.dumps(result['setting'])}", "", "## Held-out mean Dice (TC, WT, ET), last model", "",
+             "| labelled cases | " + " | ".join(ARMS) + " |", "|---|" + "---|" * len(ARMS)]
+    for k, entry in result["stage3"].items():
+        lines.append(f"| {k} | " + " | ".join(f"{entry['arms'][a]['mean']:.4f} ± {entry['arms'][a]['sd']:.4f}" for a in ARMS) + " |")
+    lines += ["", "## Paired differences (same subset and seed), 95 % t interval", "",
+              "| labelled cases | pair | mean | 95 % interval | first arm better |", "|---|---|---|---|---|"]
+    for k, entry in result["stage3"].items():
+        for pair, d in entry["paired"].items():
+            lines.append(f"| {k} | {pair} | {d['mean']:+.4f} | [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] | {d['wins']}/{d['n']} |")
+    lines += ["", "## Stage 1", ""]
+    for name, s in result["stage1"].items():
+        lines.append(f"- {name}: held-out SSL loss {s['held_out_first']:.4f} -> {s['held_out_last']:.4f} "
+                     f"(reconstruction L1 {s['held_out_l1_last']:.4f}); {s['cost']['wall_s']:.0f} s wall, {s['cost']['cpu_s']:.0f} s CPU")
+    lines += ["", "## Cost", "", f"```\n{json.dumps(result['cost'], indent=1)}\n```", "", "![curves](evidence.png)", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def stage1_summary(progress: Mapping[str, Any]) -> dict[str, Any]:
+    curve = progress["curve"]
+    return {"held_out_first": curve[0]["val_loss"], "held_out_last": curve[-1]["val_loss"],
+            "held_out_l1_last": curve[-1]["val_reconstruction_l1"], "curve": curve, "cost": progress["cost"]}
+
+
+# --------------------------------------------------------------------------- command
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--ukb-subjects", type=int, default=8)
-    p.add_argument("--brats-subjects", type=int, default=16, help="BraTS-like cases (ids 0..N-1; official folds)")
-    p.add_argument("--spacing", type=float, default=3.0, help="synthetic voxel size, mm")
-    p.add_argument("--stage1-steps", type=int, default=80)
-    p.add_argument("--stage2-steps", type=int, default=40, help="0: no Stage 2 (Stage 3 from the Stage 1 encoder)")
-    p.add_argument("--preset", default="stage3_brats_test", help="Stage 3 preset")
-    p.add_argument("--percents", default="20")
-    p.add_argument("--subsets", type=int, default=3, help="seeded subsets = seeds (>= 3 for the evidence)")
-    p.add_argument("--fold", type=int, default=0, help="held-out BraTS fold")
-    p.add_argument("--pretrain-only", action="store_true", help="stop after Stages 1 and 2 (their encoders); a later call resumes")
-    p.add_argument("--tiny", action="store_true", help="smoke test: 2-5 steps per stage, 6 BraTS cases, 2 subsets")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="Stage 3 overrides, e.g. train.steps=80")
+    p.add_argument("--ukb-subjects", type=int, default=12)
+    p.add_argument("--ukb-held-out", type=int, default=3, help="UKB-like subjects that score the SSL models")
+    p.add_argument("--brats-subjects", type=int, default=16)
+    p.add_argument("--brats-held-out", type=int, default=6, help="BraTS-like cases that score Stage 3 (never trained on)")
+    p.add_argument("--spacing", type=float, default=4.0, help="synthetic voxel size, mm")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--stage1-steps", type=int, default=1500, help="central steps = the federation's steps over all sites")
+    p.add_argument("--local-steps", type=int, default=25, help="federated: steps per site and round")
+    p.add_argument("--stage1-curve", type=int, default=150, help="held-out SSL loss (and a checkpoint) every this many total steps")
+    p.add_argument("--stage1-preset", default="stage1_test")
+    p.add_argument("--stage1-set", nargs="*", default=[], metavar="key=value", help="Stage 1 overrides (both arms)")
+    p.add_argument("--shots", default="1,2", help="labelled BraTS-like cases per few-shot subset")
+    p.add_argument("--subsets", type=int, default=5, help="seeded subsets per shot count (= fine-tuning seeds)")
+    p.add_argument("--stage3-steps", type=int, default=30)
+    p.add_argument("--curve-every", type=int, default=10, help="score on the held-out cases every this many Stage 3 steps")
+    p.add_argument("--stage3-preset", default="stage3_brats_test")
+    p.add_argument("--stage3-set", nargs="*", default=["data.crops_per_volume=1"], metavar="key=value",
+                   help="Stage 3 overrides (every arm); default one crop per step (replaced when given)")
+    p.add_argument("--pretrained-modalities", default="t1,flair", help="the Stage 1 encoder's channels")
+    p.add_argument("--tiny", action="store_true", help="the script end to end in minutes: 1 round, 2 subsets, 2 steps")
     return p
+
+
+def check(args: argparse.Namespace) -> None:
+    per_site = args.stage1_steps // args.sites
+    if args.stage1_steps % args.sites or per_site % args.local_steps:
+        raise SystemExit(f"--stage1-steps {args.stage1_steps} must split into {args.sites} sites x whole rounds of --local-steps {args.local_steps}")
+    if min(args.shots) < 1 or args.subsets < 2:
+        raise SystemExit("--shots must be >= 1 and --subsets >= 2 (paired intervals need two subsets)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.tiny:
-        args.ukb_subjects, args.brats_subjects, args.stage1_steps, args.stage2_steps, args.subsets = 3, 6, 3, 2, 2
-        args.overrides = ["train.steps=2", "data.crops_per_volume=1", *args.overrides]
+        args.ukb_subjects, args.ukb_held_out, args.brats_subjects, args.brats_held_out = 4, 1, 3, 1
+        args.stage1_steps, args.local_steps, args.stage1_curve = 3, 1, 3
+        args.subsets, args.stage3_steps, args.curve_every = 2, 2, 1
+        args.stage1_set = ["data.crops_per_volume=1", *args.stage1_set]
+    args.shots = [int(k) for k in str(args.shots).split(",")]
+    check(args)
     out = Path(args.out).resolve()
-    started = time.perf_counter()
-    ukb_root, datalist = synthetic_data(out, args.ukb_subjects, args.brats_subjects, args.spacing)
-    encoder = pretrain("stage1", "stage1_test", [f"data.root={ukb_root}", f"train.steps={args.stage1_steps}"], out)
-    modalities = "t1,flair"
-    if args.stage2_steps > 0:
-        encoder = pretrain(
-            "stage2", "stage2_brats_test",
-            [f"data.datalist={datalist}", "data.root=''", f"data.fold={args.fold}", f"model.pretrained={encoder}", f"train.steps={args.stage2_steps}"],
-            out,
-        )
-        modalities = "flair,t1ce,t1,t2"
-    if args.pretrain_only:
-        print(f"[evidence] pretraining done: {encoder}")
-        return 0
-    fewshot = out / "fewshot"
-    code = bsf_main([
-        "experiment", "fewshot", "--datalist", str(datalist), "--fold", str(args.fold), "--percents", args.percents,
-        "--subsets", str(args.subsets), "--pretrained", str(encoder), "--pretrained-modalities", modalities,
-        "--preset", args.preset, "--out", str(fewshot), "train.progress=false", *args.overrides,
-    ])
-    if code:
-        return code
-    records = json.loads((fewshot / "results.json").read_text())["runs"]
+    load_before = os.getloadavg()
+    clock = Clock()
+    data = make_data(out, args)
+    central_encoder, central = stage1_central(args, data, out)
+    federated_encoder, federated = stage1_federated(args, data, out)
+    encoders = {"scratch": None, "central": central_encoder, "federated": federated_encoder}
+    records = [stage3_run(args, data, arm, encoders[arm], k, s, out) for k in args.shots for s in range(args.subsets) for arm in ARMS]
+    stage3_cost = {"wall_s": round(sum(r["cost"]["wall_s"] for r in records), 1), "cpu_s": round(sum(r["cost"]["cpu_s"] for r in records), 1)}
     result = {
-        "command": " ".join(sys.argv),
-        "stages": {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps, "encoder": str(encoder)},
-        "stage3": {"preset": args.preset, "overrides": args.overrides, "steps": records[0]["steps"] if records else None},
-        "data": {"ukb": args.ukb_subjects, "brats": args.brats_subjects, "spacing_mm": args.spacing, "held_out_fold": args.fold,
-                 "held_out_cases": records[0]["n_held_out"] if records else None},
-        "dice_mean": summarise(records, "dice_mean"),
-        "seconds": round(time.perf_counter() - started, 1),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
+        "setting": {k: v for k, v in vars(args).items() if k != "out"},
+        "stage1": {"central": stage1_summary(central), "federated": stage1_summary(federated)},
+        "stage3": summarise(records, args.shots, args.subsets),
+        "cost": {"stage1_central": central["cost"], "stage1_federated": federated["cost"], "stage3_all_runs": stage3_cost,
+                 "this_invocation": clock.totals(), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                 "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)}, "cpus": os.cpu_count()},
+        "runs": records,
     }
     atomic_write_json(result, out / "evidence.json")
-    for percent, entry in result["dice_mean"].items():
-        arms = ", ".join(f"{arm} {v['mean']:.4f} ± {v['sd']:.4f}" for arm, v in entry.items() if arm != "difference")
-        print(f"[evidence] {percent} % of the training cases, mean Dice over {args.subsets} subsets: {arms}")
-        if "difference" in entry:
-            d = entry["difference"]
-            verdict = "pretrained better" if d["mean"] > 0 else "pretrained not better"
-            print(f"[evidence]   paired difference pretrained - scratch: {d['mean']:+.4f} ± {d['sd']:.4f} "
-                  f"(pretrained better in {d['pretrained_better']}/{d['n']} subsets): {verdict}")
-    print(f"[evidence] {out / 'evidence.json'}; report {fewshot / 'report.md'}; {result['seconds']:.0f} s")
+    plot(result, central, federated, out / "evidence.png")
+    write_report(result, out / "report.md")
+    for k, entry in result["stage3"].items():
+        for pair, d in entry["paired"].items():
+            say(f"{k} labelled case(s): {pair} = {d['mean']:+.4f}, 95 % interval [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], "
+                f"first arm better in {d['wins']}/{d['n']}")
+    say(f"{out / 'report.md'}, {out / 'evidence.json'}, {out / 'evidence.png'}")
     return 0
 
 
