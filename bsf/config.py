@@ -198,11 +198,13 @@ class TrainConfig:
 
 
 #: Choices of the federation section, each listed once (the CLI, the aggregator and the site use these).
-Algorithm = Literal["fedavg", "fedprox", "fedopt"]  # fedprox: proximal term at the site; fedopt: server optimiser
+Algorithm = Literal["fedavg", "fedprox", "fedopt", "scaffold"]  # fedprox: proximal term at the site; fedopt: server
+# optimiser; scaffold: control variates at the site and the server (bsf.fl.scaffold)
 Scope = Literal["encoder", "all"]  # which weights are global: the encoder (``swinViT.*``) or the whole network
 Transfer = Literal["diff", "full"]  # a site sends its weight difference or its weights
 TransferDtype = Literal["float32", "float16"]
-Weighting = Literal["steps", "cases", "uniform"]  # the FedAvg weight of a site's update
+Weighting = Literal["steps", "cases", "uniform", "fedcostwavg"]  # the FedAvg weight of a site's update
+# (fedcostwavg: cases and the round's loss improvement, Mächler et al. 2021; bsf.federation.fedcost)
 Robust = Literal["none", "clip", "trimmed_mean", "median"]  # the server's rule against wild updates (bsf.federation.robust)
 ServerOptimizer = Literal["momentum", "adam"]  # fedopt: the server's optimiser on the aggregated difference
 Encryption = Literal["none", "he"]  # he: the sites encrypt their updates (CKKS); the server sums ciphertexts (bsf.fl.he)
@@ -255,6 +257,7 @@ class FederationConfig:
     fedopt_beta1: float = 0.9  # momentum / Adam's first-moment decay
     fedopt_beta2: float = 0.99  # Adam's second-moment decay
     fedopt_eps: float = 1e-3  # Adam's tau (adaptivity; Reddi et al. use 1e-3)
+    fedcost_alpha: float = 0.5  # weigh_by fedcostwavg: alpha x case share + (1 - alpha) x loss-improvement share
 
     def __post_init__(self) -> None:
         checks = [
@@ -277,12 +280,12 @@ class FederationConfig:
                 raise ConfigError(message)
 
     def _aggregation_checks(self) -> list[tuple[bool, str]]:
-        """(ok, message) of the robust, slow-site, FedProx and FedOpt settings."""
+        """(ok, message) of the robust, slow-site, FedProx, FedOpt and FedCostWAvg settings."""
         finite = all(math.isfinite(getattr(self, name)) for name in
                      ("clip_bound", "clip_multiple", "trim_fraction", "fedprox_mu", "fedopt_lr", "fedopt_beta1",
-                      "fedopt_beta2", "fedopt_eps"))
+                      "fedopt_beta2", "fedopt_eps", "fedcost_alpha"))
         return [
-            (finite, "federation: clip_bound, clip_multiple, trim_fraction, fedprox_mu and fedopt_* must be finite numbers"),
+            (finite, "federation: clip_bound, clip_multiple, trim_fraction, fedprox_mu, fedopt_* and fedcost_alpha must be finite numbers"),
             (self.robust == "none" or self.transfer == "diff",
              f"federation.robust: {self.robust} works on weight differences; set federation.transfer: diff"),
             (self.clip_bound >= 0, f"federation.clip_bound must be >= 0, got {self.clip_bound}"),
@@ -302,6 +305,10 @@ class FederationConfig:
             (0 <= self.fedopt_beta1 < 1 and 0 <= self.fedopt_beta2 < 1,
              f"federation.fedopt_beta1/beta2 must be in [0, 1), got {self.fedopt_beta1}, {self.fedopt_beta2}"),
             (self.fedopt_eps > 0, f"federation.fedopt_eps must be > 0, got {self.fedopt_eps}"),
+            (0 <= self.fedcost_alpha <= 1, f"federation.fedcost_alpha must be in [0, 1], got {self.fedcost_alpha}"),
+            (self.weigh_by != "fedcostwavg" or self.robust in ("none", "clip"),
+             f"federation.weigh_by: fedcostwavg weighs the mean, but robust: {self.robust} is unweighted; "
+             "use robust: none or clip"),
         ]
 
     def _encryption_checks(self) -> list[tuple[bool, str]]:
@@ -311,8 +318,9 @@ class FederationConfig:
         return [
             (self.robust == "none",
              f"federation.encryption: he cannot run robust: {self.robust} (the rule needs plaintext updates); set robust: none"),
-            (self.algorithm != "fedopt",
-             "federation.encryption: he cannot run algorithm: fedopt (the server optimiser needs the plaintext difference)"),
+            (self.algorithm not in ("fedopt", "scaffold"),
+             f"federation.encryption: he cannot run algorithm: {self.algorithm} (the server needs the plaintext difference "
+             "or control variates)"),
             (self.weigh_by == "steps",
              f"federation.encryption: he weighs by steps (each site scales its update by its step count before "
              f"encrypting); weigh_by: {self.weigh_by} is not possible"),

@@ -6,6 +6,8 @@
   job (``Alive clients 1 < required min 2``) and the server log names the dead site;
 * the server killed mid-job: after a restart, :func:`bsf.pipeline.resume.export_resume_job` continues from
   the last persisted global model and round;
+* a site killed after round 0 and restarted while the job runs (a SCAFFOLD + FedCostWAvg job): it does not rejoin
+  that job; with a round cutoff the job runs every round without it and NVFlare ends it FINISHED:ABNORMAL;
 * a site that diverges (its own configuration sets a huge learning rate): its NaN/Inf update is rejected at
   the server by name, the global model stays finite (the checks: ``tests/test_fl_units.py``).
 
@@ -170,3 +172,43 @@ def test_server_killed_mid_job_resumes_from_the_last_global_model(poc, tmp_path)
     assert set(final) == set(persisted) and all(np.isfinite(v).all() for v in final.values())
     assert max(float(np.abs(final[k] - persisted[k]).max()) for k in final) > 0  # training went on from it
     assert str(server_run / "app_server" / "FL_global_model.pt") in (run_dir / "log.txt").read_text()
+
+
+def test_site_killed_and_restarted_mid_job_does_not_rejoin_it(poc, tmp_path):
+    """What NVFlare 2.9 does with a site process that dies after round 0 and is restarted while the job runs.
+
+    site-2 is killed once round 0 is recorded and restarted at once: it reconnects to the server (for the next
+    jobs), but its client for the running job is not started again (NVFlare starts a job's client apps only when the
+    job is deployed), and the server does not drop it from the job either (the restarted site never reported the job,
+    so no "missing job on client"; the old connection is replaced before its heartbeat times out). Without a cutoff the
+    round waits for site-2's result for ever (seen: no progress in 5 minutes); with ``min_responses`` +
+    ``wait_time_after_min_received`` every later round closes with site-1 and names site-2 as missing, every round
+    runs and the global model is saved, and NVFlare then ends the job FINISHED:ABNORMAL ("terminal outcome
+    unavailable from site-2: missing job on client"). site-2's own per-round state stays in its job folder, unused.
+
+    The job runs SCAFFOLD with FedCostWAvg weights, so round 0 also shows both sites' control variates and loss
+    metrics passing their result guards and the server's checks on a real deployment.
+    """
+    spec = replace(TINY, name="rejoin").with_federation(rounds=4, min_clients=1, min_responses=1,
+                                                         wait_time_after_min_received=2, algorithm="scaffold",
+                                                         weigh_by="fedcostwavg")
+    job_id = poc.submit(export_job(spec, tmp_path / "jobs"))
+    rounds_file = poc.kit("server") / job_id / "bsf_rounds.jsonl"
+    _wait_for(lambda: _lines(rounds_file) >= 1, "round 0's record")
+    assert poc.kill("site-2")
+    _restart(poc, "site-2")
+    status = poc.wait(job_id, timeout=WAIT_S)
+
+    run_dir = poc.download(job_id, tmp_path / "results")
+    rounds = _rounds(run_dir)
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3], status
+    # every round ran; NVFlare then fails the job because the restarted site-2 cannot report the job's end
+    assert status == "FINISHED:ABNORMAL"
+    assert "terminal outcome unavailable from site-2: missing job on client" in (poc.kit("server") / "log.txt").read_text()
+    assert sorted(rounds[0]["accepted_sites"]) == list(SITES) and rounds[0]["rejected_sites"] == []
+    assert rounds[0]["scaffold"]["control_norm"] > 0 and set(rounds[0]["fedcostwavg"]["loss_improvement"]) == set(SITES)
+    later = rounds[2:]  # round 1 may or may not have had site-2's answer before the kill
+    assert all(r["accepted_sites"] == ["site-1"] and r["missing_sites"] == ["site-2"] for r in later), later
+    assert all(np.isfinite(v).all() for v in _global(run_dir).values())
+    site_state = json.loads((poc.kit("site-2") / job_id / "bsf_site" / "engine_state.json").read_text())
+    assert site_state["round"] <= 1

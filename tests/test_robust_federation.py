@@ -212,8 +212,8 @@ from bsf.fl.client import main
 _train = SiteTrainer.train
 
 
-def _slow_train(self, params, current_round):
-    result = _train(self, params, current_round)
+def _slow_train(self, params, current_round, **kwargs):
+    result = _train(self, params, current_round, **kwargs)
     if self.site == "site-2" and current_round == 0:
         time.sleep(float(os.environ["BSF_TEST_SLOW_SECONDS"]))
     return result

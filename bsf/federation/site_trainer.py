@@ -28,13 +28,15 @@ from bsf.config import FederationConfig
 from bsf.errors import CheckpointError
 from bsf.data.transforms import held_modalities
 from bsf.federation.modality import META_MODALITIES
+from bsf.federation.fedcost import LOSS_AFTER, LOSS_BEFORE
 from bsf.federation.payload import exchanged
-from bsf.io import atomic_write_json
+from bsf.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 RESUME_FILE = "engine_state.pt"
 RESUME_META = "engine_state.json"
+OBJECTIVE_STATE = "objective_state.npz"  # the local objective's own state (SCAFFOLD's control variate)
 TRAIN_LOG = "train_log.jsonl"
 
 #: How a site takes part in a round: the run config's ``federation:`` section (the job writes it, the site reads it).
@@ -74,9 +76,13 @@ class SiteTrainer:
         site: this site's name (for logs and metrics tags only).
         state_dir: where the resume checkpoint is kept (``None``: never saved).
         log_scalar: ``(tag, value, step)`` sink for streamed metrics (e.g. a TensorBoard writer).
-        local_objective: an extra term of the site's loss that depends on the round's global model (FedProx:
-            :class:`bsf.fl.client.FedProxTerm`): called with no arguments for a scalar tensor each micro-batch
-            (``engine.extra_loss``); its ``start_round()`` is called once the round's global model is loaded.
+        local_objective: what the job's algorithm adds to local training (``None``: FedAvg). Its
+            ``start_round(global_meta)`` is called once the round's global model is loaded (``global_meta``: the
+            global model's meta). Optional parts: called with no arguments, a scalar tensor added to each
+            micro-batch's loss (``engine.extra_loss``; FedProx: :class:`bsf.fl.client.FedProxTerm`);
+            ``after_step(lr)`` after each optimiser step (``lr``: the first parameter group's rate of that step);
+            ``end_round()`` -> meta entries of the result; ``state_dict()`` / ``load_state_dict(state)`` (name ->
+            array) kept with the site's per-round resume state (SCAFFOLD: :class:`bsf.fl.scaffold.ScaffoldTerm`).
     """
 
     def __init__(
@@ -94,7 +100,7 @@ class SiteTrainer:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.log_scalar = log_scalar
         self.local_objective = local_objective
-        if local_objective is not None:
+        if callable(local_objective):
             engine.extra_loss = local_objective
         self.rounds_done: int = -1  # the last round this site trained
         # (what the server makes of this site's last update alone, this site's exact weights)
@@ -124,6 +130,7 @@ class SiteTrainer:
             log.info("site %s: resume checkpoint is for round %s, not %s; starting fresh", self.site, meta.get("round"), current_round - 1)
             return False
         self.engine.load_checkpoint(state_path)
+        self._load_objective_state()
         self.rounds_done = int(meta["round"])
         log.info("site %s: resumed at step %d from %s (round %d)", self.site, self.engine.step, state_path, self.rounds_done)
         return True
@@ -133,7 +140,21 @@ class SiteTrainer:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(self.state_dir / RESUME_FILE)
+        if hasattr(self.local_objective, "state_dict"):
+            with atomic_path(self.state_dir / OBJECTIVE_STATE) as tmp, open(tmp, "wb") as handle:
+                np.savez(handle, **self.local_objective.state_dict())
         atomic_write_json({"round": current_round, "step": int(self.engine.step)}, self.state_dir / RESUME_META)
+
+    def _load_objective_state(self) -> None:
+        """Restore the local objective's state saved with the checkpoint being resumed (if it keeps one)."""
+        if not hasattr(self.local_objective, "load_state_dict"):
+            return
+        path = self.state_dir / OBJECTIVE_STATE
+        if not path.is_file():
+            raise CheckpointError(f"site {self.site}: {path} is missing: the resume checkpoint lacks the state of "
+                                  f"algorithm {self.settings.algorithm} (remove {self.state_dir} to start the site afresh)")
+        with np.load(path, allow_pickle=False) as state:
+            self.local_objective.load_state_dict({k: state[k] for k in state.files})
 
     def _append_log(self, current_round: int, metrics: Mapping[str, float], records: list[dict[str, float]], seconds: float) -> None:
         """The site's own record of every round (stays at the site): ``<state_dir>/train_log.jsonl``."""
@@ -174,19 +195,23 @@ class SiteTrainer:
         if self.log_scalar is not None and value is not None and math.isfinite(value):
             self.log_scalar(tag, float(value), int(step))
 
-    def train(self, global_params: Mapping[str, Any], current_round: int) -> RoundResult:
-        """Load the global part, (optionally) validate it, run ``local_steps``, return the update."""
+    def train(self, global_params: Mapping[str, Any], current_round: int,
+              global_meta: Mapping[str, Any] | None = None) -> RoundResult:
+        """Load the global part, (optionally) validate it, run ``local_steps``, return the update.
+
+        ``global_meta``: the global model's meta (SCAFFOLD's global control variate rides there).
+        """
         started = time.perf_counter()
         self.maybe_resume(current_round)
         received = self._load_global(global_params, allow_own=True)
         if self.local_objective is not None:
-            self.local_objective.start_round()
+            self.local_objective.start_round(global_meta)
         metrics: dict[str, float] = {}
         if self.settings.validate_global:
             metrics = {k: float(v) for k, v in self.engine.validate().items()}
             for name, value in metrics.items():
                 self._emit(f"val/{name}", value, self.engine.step)
-        records = self.engine.train_steps(self.settings.local_steps)
+        records = self._local_steps()
         for record in records:
             for name, value in record.items():
                 if name != "step":
@@ -208,11 +233,15 @@ class SiteTrainer:
             self._round_trip = None
         if losses:
             metrics["train_loss"] = float(np.mean(losses))
+            if self.settings.weigh_by == "fedcostwavg":  # the server's weight (bsf.federation.fedcost)
+                metrics[LOSS_BEFORE], metrics[LOSS_AFTER] = float(losses[0]), float(losses[-1])
         meta = {
             "NUM_STEPS_CURRENT_ROUND": len(records),
             "num_cases": int(self.engine.num_train_cases),
             "site_step": int(self.engine.step),
         }
+        if hasattr(self.local_objective, "end_round"):
+            meta.update(self.local_objective.end_round())
         if self.engine.config.model.modalities:  # modality-aware model: the server averages a modality's filters over its sites
             meta[META_MODALITIES] = held_modalities(self.engine.config.data)
         self.rounds_done = current_round
@@ -224,6 +253,16 @@ class SiteTrainer:
             len(params), payload_bytes(params) / 1e6,
         )
         return RoundResult(params=params, params_type=params_type, metrics=metrics, meta=meta, records=records)
+
+    def _local_steps(self) -> list[dict[str, float]]:
+        """The round's ``local_steps`` optimiser steps (one at a time when the local objective acts after each)."""
+        if not hasattr(self.local_objective, "after_step"):
+            return self.engine.train_steps(self.settings.local_steps)
+        records = []
+        for _ in range(self.settings.local_steps):
+            records.extend(self.engine.train_steps(1))
+            self.local_objective.after_step(records[-1]["lr"])
+        return records
 
     def validate(self, params: Mapping[str, Any] | None) -> dict[str, float]:
         """Metrics of a received model (cross-site evaluation) on this site's validation cases.

@@ -42,7 +42,9 @@ import numpy as np
 from bsf.config import ROBUST_RULES, WEIGHTINGS, FederationConfig
 from bsf.errors import ConfigError
 from bsf.federation.modality import ModalityAggregation, ModalityMetaError
+from bsf.federation.fedcost import cost_ratio, fedcost_weights
 from bsf.federation.robust import RobustRule, robust_aggregate
+from bsf.fl.scaffold import CONTROL_DIFF
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +206,11 @@ def weighted_average(updates: list[tuple[Mapping[str, Any], float]]) -> dict[str
     return mean.result()
 
 
+def _reweighed(updates: list[tuple[str, Any, float]], weights: Mapping[str, float] | None) -> list[tuple[str, Any, float]]:
+    """``updates`` (``(site, params, weight)``) with each site's weight from ``weights`` (``None``: as they are)."""
+    return updates if weights is None else [(site, params, weights[site]) for site, params, _ in updates]
+
+
 # ------------------------------------------------------------------------------- NVFlare side
 try:  # the pure functions above must stay importable without NVFlare
     from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
@@ -225,11 +232,16 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
             names; :class:`~bsf.federation.robust.RobustRule`); ``none``: the weighted mean.
         modalities: the model's input channels by name (``model.modalities``): each modality's first-layer
             filters averaged over the sites holding it; empty: over all sites.
+        scaffold: SCAFFOLD (:mod:`bsf.fl.scaffold`): each result's meta ``scaffold_c_diff`` is checked like an update
+            (a bad one rejects the result) and the accepted ones are averaged with the update's weight and rule
+            into the round meta's ``scaffold_c_diff``.
+        fedcost_alpha: ``weigh_by: fedcostwavg``'s alpha (:mod:`bsf.federation.fedcost`).
     """
 
     def __init__(self, weigh_by: str = "steps", min_accepted: int = 1, expected_steps: int | None = None,
                  max_cases: int = MAX_CLAIM, robust: str = "none", clip_bound: float = 0.0, clip_multiple: float = 0.0,
-                 trim_fraction: float = 0.2, modalities: Sequence[str] = ()):
+                 trim_fraction: float = 0.2, modalities: Sequence[str] = (), scaffold: bool = False,
+                 fedcost_alpha: float = 0.5):
         super().__init__()
         if weigh_by not in WEIGHTINGS:
             raise ConfigError(f"weigh_by must be one of {WEIGHTINGS}, got {weigh_by!r}")
@@ -249,6 +261,11 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
             raise ConfigError(f"robust rule {robust} is not supported with per-modality aggregation (model.modalities) yet")
         self.modalities = tuple(modalities)  # NVFlare's job export reads the constructor's arguments back by name
         self.by_modality = ModalityAggregation(self.modalities) if self.modalities else None
+        if modalities and weigh_by == "fedcostwavg":
+            raise ConfigError("weigh_by fedcostwavg is not supported with per-modality aggregation (model.modalities) yet")
+        self.scaffold, self.fedcost_alpha = scaffold, fedcost_alpha
+        self._controls: list[tuple[str, dict[str, np.ndarray], float]] = []  # SCAFFOLD: the round's control changes
+        self._ratios: dict[str, float] = {}  # fedcostwavg: each accepted site's loss improvement
         self._updates: list[tuple[str, dict[str, np.ndarray], float]] = []  # the round's updates (robust rules)
         self._mean = WeightedMean()
         self._params_type = None
@@ -263,14 +280,19 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         """The aggregator of a job's (validated) federation section and its model's ``model.modalities``."""
         return cls(weigh_by=fed.weigh_by, min_accepted=fed.min_clients, expected_steps=fed.local_steps, robust=fed.robust,
                    clip_bound=fed.clip_bound, clip_multiple=fed.clip_multiple, trim_fraction=fed.trim_fraction,
-                   modalities=modalities)
+                   modalities=modalities, scaffold=fed.algorithm == "scaffold", fedcost_alpha=fed.fedcost_alpha)
 
     @property
     def max_weight(self) -> float:
         """The largest weight one update can have under this job's weighting."""
         if self.weigh_by == "steps":
             return float(self.expected_steps or MAX_CLAIM)
-        return float(self.max_cases) if self.weigh_by == "cases" else 1.0
+        return float(self.max_cases) if self.weigh_by in ("cases", "fedcostwavg") else 1.0
+
+    @property
+    def keeps_updates(self) -> bool:
+        """Whether the round's updates are kept until it closes (a robust rule, or weights known only then)."""
+        return self.rule is not None or self.weigh_by == "fedcostwavg"
 
     def set_reference(self, global_params: Mapping[str, Any]) -> None:
         """Record the global model's keys and shapes (the controller calls this once the model is loaded)."""
@@ -296,6 +318,8 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         self._rejected = []
         self._notes = {}
         self._first_update = None
+        self._controls = []
+        self._ratios = {}
         if self.by_modality is not None:
             self.by_modality.reset()
 
@@ -314,7 +338,13 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         problems = check_update(model.params, self._reference)
         if problems:
             return self.reject(site, "; ".join(problems))
+        controls = meta.get(CONTROL_DIFF)
+        if self.scaffold and (problems := check_update(controls if isinstance(controls, Mapping) else None, self._reference)):
+            return self.reject(site, f"SCAFFOLD control variates (meta {CONTROL_DIFF!r}): " + "; ".join(problems))
         weight, note = update_weight(meta, self.weigh_by, self.max_weight)
+        if self.weigh_by == "fedcostwavg":
+            self._ratios[site], ratio_note = cost_ratio(model.metrics)
+            note = "; ".join(n for n in (note, ratio_note) if n)
         params = model.params
         if self.by_modality is not None:
             try:
@@ -325,8 +355,10 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
             self._notes[site] = note
             log.warning("site %s: %s", site, note)
         self._params_type = params_type
-        self._mean.add({} if self.rule is not None else params, weight, site)
-        if self.rule is not None:
+        if self.scaffold:
+            self._controls.append((site, {k: np.asarray(v, dtype=np.float32) for k, v in controls.items()}, weight))
+        self._mean.add({} if self.keeps_updates else params, weight, site)
+        if self.keeps_updates:
             self._updates.append((site, {k: np.asarray(v, dtype=np.float32) for k, v in model.params.items()}, weight))
         elif len(self._mean) == 1:
             self._first_update = {k: np.asarray(v, dtype=np.float32) for k, v in model.params.items()}
@@ -349,6 +381,16 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
             "weigh_by": self.weigh_by,
         }
 
+    def _final_weights(self, meta: dict[str, Any]) -> dict[str, float] | None:
+        """fedcostwavg: site -> this round's weight (also into ``meta``'s ``weights`` and ``fedcostwavg``); else ``None``."""
+        if self.weigh_by != "fedcostwavg":
+            return None
+        cases = dict(meta["weights"])
+        weights = fedcost_weights(cases, self._ratios, self.fedcost_alpha)
+        meta["weights"] = weights
+        meta["fedcostwavg"] = {"alpha": self.fedcost_alpha, "cases": cases, "loss_improvement": dict(self._ratios)}
+        return weights
+
     def aggregate_model(self) -> FLModel:
         meta = self._round_meta()
         accepted, rejected = meta["accepted_sites"], meta["rejected_sites"]
@@ -361,8 +403,13 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
             # an empty difference leaves every global key as it is
             result = FLModel(params={}, params_type=ParamsType.DIFF, meta={**meta, "round_skipped": True})
         else:
-            if self.rule is not None:
-                params, meta["robust"] = robust_aggregate(self._updates, self.rule)
+            weights = self._final_weights(meta)
+            if self.scaffold:
+                meta[CONTROL_DIFF] = robust_aggregate(_reweighed(self._controls, weights), self.rule or RobustRule())[0]
+            if self.keeps_updates and self.rule is None:  # fedcostwavg: the weighted mean with this round's weights
+                params = robust_aggregate(_reweighed(self._updates, weights), RobustRule())[0]
+            elif self.rule is not None:
+                params, meta["robust"] = robust_aggregate(_reweighed(self._updates, weights), self.rule)
                 if meta["robust"].get("clipped"):
                     log.warning("clipped the update(s) of %s to the norm bound %.6g", sorted(meta["robust"]["clipped"]),
                                 meta["robust"]["bound"])

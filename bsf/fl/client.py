@@ -27,6 +27,7 @@ from bsf.federation.preflight import PreflightError, run_preflight
 from bsf.federation.run_folders import RUN_CONFIG_FILE
 from bsf.federation.site_config import load_with_site, prepare_site_data, resolve_site
 from bsf.federation.site_trainer import SiteTrainer
+from bsf.fl.scaffold import ScaffoldTerm
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,8 @@ class FedProxTerm:
 
         self.module, self.loss, self.reference = module, PTFedProxLoss(mu=mu), None
 
-    def start_round(self) -> None:
-        """Freeze a copy of the round's global model (just loaded into ``module``)."""
+    def start_round(self, global_meta: Any = None) -> None:
+        """Freeze a copy of the round's global model (just loaded into ``module``; its meta is not needed)."""
         import copy
 
         self.reference = copy.deepcopy(self.module).requires_grad_(False)
@@ -104,8 +105,11 @@ class FedProxTerm:
         return self.loss(self.module, self.reference)
 
 
-def local_objective(engine: Any, settings: Any) -> FedProxTerm | None:
-    """The site's extra loss term for the job's algorithm (``fedprox``: :class:`FedProxTerm`), else ``None``."""
+def local_objective(engine: Any, settings: Any) -> FedProxTerm | ScaffoldTerm | None:
+    """The site's local objective for the job's algorithm (``fedprox``: :class:`FedProxTerm`, ``scaffold``:
+    :class:`~bsf.fl.scaffold.ScaffoldTerm`), else ``None``."""
+    if settings.algorithm == "scaffold":
+        return ScaffoldTerm.for_engine(engine, settings.scope)
     if settings.algorithm != "fedprox":
         return None
     return FedProxTerm(engine.model.swinViT if settings.scope == "encoder" else engine.model, settings.fedprox_mu)
@@ -143,7 +147,7 @@ def main() -> None:
         if model is None:
             break
         if flare.is_train():
-            result = trainer.train(model.params or {}, int(model.current_round or 0))
+            result = trainer.train(model.params or {}, int(model.current_round or 0), global_meta=model.meta)
             params_type = ParamsType.DIFF if result.params_type == "DIFF" else ParamsType.FULL
             flare.send(FLModel(params=result.params, params_type=params_type, metrics=result.metrics, meta=result.meta))
         elif flare.is_evaluate():

@@ -18,6 +18,11 @@ Differences from ``nvflare.app_common.workflows.fedavg.FedAvg``:
   listed as late in the record of the round it arrived in;
 * FedOpt: with ``fedopt`` (the arguments of :class:`~bsf.federation.server_opt.ServerOptimizer`) the
   round's aggregated difference goes through the server's momentum/Adam step before it is applied;
+* SCAFFOLD: with ``scaffold`` the server keeps the global control variate ``c`` (zeros at the start, keyed like
+  the global model), sends it with the model in every round's meta (``scaffold_c_global``) and adds the round's
+  aggregated control change (the aggregator's ``scaffold_c_diff``) to it, as NVFlare's ``Scaffold`` workflow does;
+  a non-finite ``c`` is not taken (the previous one stays). ``c`` lives in the server process: a server restart
+  (``bsf deploy resume``) starts it at zero again (:mod:`bsf.fl.scaffold`);
 * a per-round record (asked, accepted and missing sites, their weights, rejected sites and why, clipped
   weight claims, the robust rule's norms and clipped updates, late results, whether the global model was
   kept) is appended to ``bsf_rounds.jsonl`` in the server's run folder.
@@ -30,6 +35,8 @@ import logging
 import os
 from typing import Optional
 
+import numpy as np
+
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AppConstants
@@ -40,6 +47,7 @@ from bsf.fl.aggregation import CheckedFedAvgAggregator, non_finite_tensors
 from bsf.federation.robust import update_norm
 from bsf.federation.run_folders import ROUNDS_FILE
 from bsf.federation.server_opt import ServerOptimizer
+from bsf.fl.scaffold import CONTROL_DIFF, CONTROL_GLOBAL
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +62,13 @@ class CheckedFedAvg(FedAvg):
         min_responses: results that close a round (0: every asked site); see the module docstring.
         wait_time_after_min_received: seconds a round stays open for the others once ``min_responses`` answered.
         fedopt: keyword arguments of :class:`~bsf.federation.server_opt.ServerOptimizer` (``None``: plain FedAvg).
+        scaffold: run SCAFFOLD's server side (see the module docstring; the aggregator needs ``scaffold=True`` too).
         Other arguments are FedAvg's.
     """
 
     def __init__(self, *args, aggregator: Optional[CheckedFedAvgAggregator] = None, num_clients: int = 0,
-                 min_responses: int = 0, wait_time_after_min_received: int = 0, fedopt: Optional[dict] = None, **kwargs):
+                 min_responses: int = 0, wait_time_after_min_received: int = 0, fedopt: Optional[dict] = None,
+                 scaffold: bool = False, **kwargs):
         if aggregator is None:
             aggregator = CheckedFedAvgAggregator()
         if not isinstance(aggregator, CheckedFedAvgAggregator):
@@ -68,6 +78,8 @@ class CheckedFedAvg(FedAvg):
         self.wait_time_after_min_received = int(wait_time_after_min_received)
         self.fedopt = fedopt
         self._server_opt = ServerOptimizer(**fedopt) if fedopt else None
+        self.scaffold = scaffold
+        self._controls: Optional[dict] = None  # SCAFFOLD's global control variate (key -> float32 array)
         self._asked: list[str] = []  # the sites asked in the current round
         self._answered: set[str] = set()  # those whose result (or error) arrived before the round closed
         self._late: list[dict] = []  # results of closed rounds that arrived since the last record
@@ -80,7 +92,7 @@ class CheckedFedAvg(FedAvg):
             fedopt = {"kind": fed.fedopt_optimizer, "lr": fed.fedopt_lr, "beta1": fed.fedopt_beta1,
                       "beta2": fed.fedopt_beta2, "eps": fed.fedopt_eps}
         return {"min_responses": fed.min_responses, "wait_time_after_min_received": fed.wait_time_after_min_received,
-                "fedopt": fedopt}
+                "fedopt": fedopt, "scaffold": fed.algorithm == "scaffold"}
 
     def run(self) -> None:
         # A persistor that cannot create the initial model has stopped the job (CANNOT START, system panic);
@@ -96,6 +108,8 @@ class CheckedFedAvg(FedAvg):
         model = super().load_model()
         if model is not None:
             self.aggregator.set_reference(model.params or {})
+            if self.scaffold and self._controls is None:
+                self._controls = {k: np.zeros(np.shape(v), np.float32) for k, v in (model.params or {}).items()}
             self.info(f"global model: {len(model.params or {})} tensors are aggregated")
         return model
 
@@ -106,6 +120,8 @@ class CheckedFedAvg(FedAvg):
                    timeout: int = 0, callback=None) -> None:
         """FedAvg's round broadcast, closing at ``min_responses`` results plus ``wait_time_after_min_received``."""
         self._asked = sorted(getattr(t, "name", t) for t in targets or [])
+        if self._controls is not None and data is not None:
+            data.meta = {**(data.meta or {}), CONTROL_GLOBAL: self._controls}
         self._answered = set()
         wanted = min(self.min_responses, len(self._asked)) if self._asked else self.min_responses
         if wanted:
@@ -165,6 +181,7 @@ class CheckedFedAvg(FedAvg):
     def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
         """Apply the round's aggregate; keep the previous global model if the new one is not finite."""
         previous = dict(model.params or {})
+        control_diff = (aggr_result.meta or {}).pop(CONTROL_DIFF, None)  # never into the global model's meta
         if self._server_opt is not None and aggr_result.params:
             aggr_result = self._server_step(model, aggr_result)
         model = super().update_model(model, aggr_result)
@@ -176,8 +193,22 @@ class CheckedFedAvg(FedAvg):
             model.params = previous
             model = super().update_model(model, FLModel(params={}, params_type=ParamsType.DIFF, meta=aggr_result.meta,
                                                         metrics=aggr_result.metrics))
+        elif control_diff:
+            self._update_controls(control_diff, aggr_result.meta)
         self._write_round_record(aggr_result, kept)
         return model
+
+    def _update_controls(self, control_diff: dict, meta: dict) -> None:
+        """SCAFFOLD: ``c += `` the round's aggregated control change, unless that makes ``c`` non-finite."""
+        new = {k: (v + np.asarray(control_diff[k], dtype=np.float32)) if k in control_diff else v
+               for k, v in self._controls.items()}
+        bad = non_finite_tensors(new)
+        if bad:
+            self.error(f"round {self.current_round}: the new SCAFFOLD control variate is NaN/Inf in {bad[:3]}; KEEPING the previous one")
+        else:
+            self._controls = new
+        meta["scaffold"] = {"control_diff_norm": round(update_norm(control_diff), 6),
+                            "control_norm": round(update_norm(self._controls), 6), "kept_previous": bool(bad)}
 
     def _server_step(self, model: FLModel, aggr_result: FLModel) -> FLModel:
         """FedOpt: the aggregated difference (or full weights minus the global model) -> the server's step, a DIFF."""
@@ -207,7 +238,7 @@ class CheckedFedAvg(FedAvg):
             "late_results": list(self._late),
         }
         self._late = []
-        for key in ("robust", "fedopt"):
+        for key in ("robust", "fedopt", "scaffold", "fedcostwavg"):
             if key in meta:
                 record[key] = meta[key]
         if kept:

@@ -22,6 +22,10 @@ The allow-list (everything else is refused, naming the field):
   (``filter_history``: :data:`DP_FILTERS`; SVT's accounting records of :data:`SVT_FIELDS`), identifiers
   NVFlare may echo (``job_id``, ``site_name``, ``client_name``, ``task_id``: :data:`IDENTIFIER`),
   ``validate_type`` (NVFlare's two values), ``modalities`` (what the site holds: distinct canonical names);
+* **SCAFFOLD** (a job with ``federation.algorithm: scaffold`` only): meta ``scaffold_c_diff``
+  (:data:`bsf.fl.scaffold.CONTROL_DIFF`) on a weights result, a mapping with exactly the keys of the weights it
+  rides with, each a tensor like them (plain ndarray, float16/32/64, that key's shape, finite); in any other job,
+  or on a metrics result, the key is refused like any unknown one;
 * **headers**: only the names of :data:`HEADER_RULES`, the ones NVFlare sets on a task result
   (``__content_type__`` = ``DXO``, ``start_round``/``current_round``/``num_rounds`` bounded ints,
   ``_validate_type``, ``__rc__`` = ``OK``, task name/id and audit id as identifiers);
@@ -57,7 +61,9 @@ import numpy as np
 
 from bsf.errors import BSFError
 from bsf.federation.modality import META_MODALITIES, MODALITY_ORDER
+from bsf.federation.fedcost import LOSS_AFTER, LOSS_BEFORE
 from bsf.fl.aggregation import FLOAT_DTYPES, MAX_CLAIM, META_NUM_CASES, META_NUM_STEPS
+from bsf.fl.scaffold import CONTROL_DIFF
 
 AUDIT_FILE = "bsf_privacy_audit.jsonl"
 WEIGHT_KINDS = ("WEIGHTS", "WEIGHT_DIFF")
@@ -70,8 +76,9 @@ WEIGHT_DTYPES = FLOAT_DTYPES
 #: BraTS regions in the names :meth:`bsf.engine.segmentation.SegmentationTask.dice` gives them
 #: (``bsf.metrics.BRATS_REGIONS`` lower-cased; a test checks they agree)
 BRATS_REGION_NAMES = ("tc", "wt", "et")
-#: :meth:`bsf.federation.site_trainer.SiteTrainer.train` adds the mean training loss of the round
-TRAIN_METRICS = ("train_loss",)
+#: :meth:`bsf.federation.site_trainer.SiteTrainer.train` adds the mean training loss of the round (and, with
+#: ``weigh_by: fedcostwavg``, the losses of its first and last local step: :mod:`bsf.federation.fedcost`)
+TRAIN_METRICS = ("train_loss", LOSS_BEFORE, LOSS_AFTER)
 #: :meth:`bsf.engine.tasks.SSLTask.validate` (Stage 1 and 2)
 SSL_METRICS = ("val_loss", "val_rotation", "val_reconstruction_l1", "val_contrastive")
 #: :meth:`bsf.engine.segmentation.SegmentationTask.validate` (Stage 3, BraTS regions or the ATLAS lesion)
@@ -303,10 +310,25 @@ def _weights(kind: str, data: Any, model_shapes: Mapping[str, tuple[int, ...]] |
     return problems
 
 
+def _controls(value: Any, data: Any) -> list[str]:
+    """SCAFFOLD's control-variate change: exactly the keys of the weights sent (``data``), each a tensor like them."""
+    where = f"meta[{CONTROL_DIFF!r}]"
+    if not isinstance(value, Mapping) or not isinstance(data, Mapping):
+        return [f"{where} is a {_type(value)}, not a mapping of tensors"]
+    problems = [f"{where} key {_name(k)} is not a tensor of the weights sent" for k in value if k not in data]
+    missing = [k for k in data if k not in value]
+    if missing:
+        problems.append(f"{where} lacks {len(missing)} key(s) of the weights sent, e.g. {[_name(k) for k in missing[:3]]}")
+    for key in value:
+        if key in data and type(data[key]) is np.ndarray:
+            problems.extend(f"{where}: {p}" for p in _tensor(key, value[key], data[key].shape))
+    return problems
+
+
 # ------------------------------------------------------------------ the whole result
 def check_result(
     dxo_kind: Any, data: Any, meta: Mapping[str, Any] | None, headers: Mapping[str, Any] | None,
-    model_shapes: Mapping[str, tuple[int, ...]] | None,
+    model_shapes: Mapping[str, tuple[int, ...]] | None, scaffold: bool = False,
 ) -> list[str]:
     """Reasons a site result must not leave (empty: it may).
 
@@ -316,6 +338,7 @@ def check_result(
         meta: the DXO's metadata.
         headers: the shareable's headers.
         model_shapes: key -> shape of the job's model (``None``: weights cannot be checked, refuse them).
+        scaffold: the job runs SCAFFOLD: a weights result may carry meta ``scaffold_c_diff`` (see the module docstring).
     """
     kind = _kind_name(dxo_kind)
     if kind not in (*WEIGHT_KINDS, METRICS_KIND):
@@ -324,12 +347,16 @@ def check_result(
         problems = _weights(kind, data, model_shapes)
     else:
         problems = _metrics(data, "metrics")
+    if scaffold and kind in WEIGHT_KINDS and isinstance(meta, Mapping) and CONTROL_DIFF in meta:
+        problems.extend(_controls(meta[CONTROL_DIFF], data))
+        meta = {k: v for k, v in meta.items() if k != CONTROL_DIFF}
     problems.extend(_keyed(meta, META_RULES, "meta"))
     problems.extend(_keyed(headers, HEADER_RULES, "header"))
     return problems
 
 
-def check_shareable(shareable: Mapping[str, Any], model_shapes: Mapping[str, tuple[int, ...]] | None) -> list[str]:
+def check_shareable(shareable: Mapping[str, Any], model_shapes: Mapping[str, tuple[int, ...]] | None,
+                    scaffold: bool = False) -> list[str]:
     """Reasons a whole task result (an NVFlare ``Shareable``, a dict) must not leave (empty: it may)."""
     problems = []
     extra = [_name(k) for k in shareable if k not in SHAREABLE_FIELDS]
@@ -341,7 +368,8 @@ def check_shareable(shareable: Mapping[str, Any], model_shapes: Mapping[str, tup
     extra = [_name(k) for k in dxo if k not in DXO_FIELDS]
     if extra:
         problems.append(f"the DXO carries fields other than kind, data, meta: {', '.join(sorted(extra))}")
-    problems.extend(check_result(dxo.get("kind"), dxo.get("data"), dxo.get("meta"), shareable.get("__headers__"), model_shapes))
+    problems.extend(check_result(dxo.get("kind"), dxo.get("data"), dxo.get("meta"), shareable.get("__headers__"), model_shapes,
+                                 scaffold))
     return problems
 
 
@@ -426,6 +454,14 @@ def _encrypted_local_steps(run_config: str | os.PathLike) -> int | None:
     return federation.local_steps if federation is not None and federation.encryption == "he" else None
 
 
+def _is_scaffold(run_config: str | os.PathLike) -> bool:
+    """Whether a job's run config runs ``federation.algorithm: scaffold``."""
+    from bsf.engine import load_config
+
+    federation = load_config(run_config).federation
+    return federation is not None and federation.algorithm == "scaffold"
+
+
 try:
     from nvflare.apis.filter import Filter
 except ImportError:  # pragma: no cover - the pure checks above stay usable without NVFlare
@@ -446,6 +482,7 @@ class ResultGuard(Filter):  # type: ignore[misc,valid-type]
         self.audit_file = audit_file
         self._shapes: dict[str, dict[str, tuple[int, ...]] | None] = {}
         self._encrypted_steps: dict[str, int | None] = {}  # job -> its local steps when it is encrypted (HE)
+        self._scaffold: dict[str, bool] = {}  # job -> whether it runs SCAFFOLD (its results carry control variates)
 
     def _model_shapes(self, fl_ctx) -> dict[str, tuple[int, ...]] | None:
         from nvflare.apis.fl_constant import FLContextKey
@@ -456,6 +493,7 @@ class ResultGuard(Filter):  # type: ignore[misc,valid-type]
             path = Path(app_root) / "config" / self.run_config
             self._shapes[job_id] = model_shapes_from_run_config(path) if path.is_file() else None
             self._encrypted_steps[job_id] = _encrypted_local_steps(path) if path.is_file() else None
+            self._scaffold[job_id] = path.is_file() and _is_scaffold(path)
             if self._shapes[job_id] is None:
                 self.log_warning(fl_ctx, f"no run config at {path}: weights of this job cannot be checked and are refused")
         return self._shapes[job_id]
@@ -487,7 +525,7 @@ class ResultGuard(Filter):  # type: ignore[misc,valid-type]
         if rc != "OK":
             return self._error_reply(fl_ctx, rc, record)
         shapes = self._model_shapes(fl_ctx)
-        problems = check_shareable(shareable, shapes)
+        problems = check_shareable(shareable, shapes, self._scaffold.get(fl_ctx.get_job_id(), False))
         dxo = shareable.get("DXO")
         local_steps = self._encrypted_steps.get(fl_ctx.get_job_id())
         if local_steps is not None and isinstance(dxo, Mapping):
