@@ -131,6 +131,11 @@ def main() -> None:
     site = flare.get_site_name()
     paths = SitePaths.from_script(sys.argv[0])
     config = site_run_config(site, paths)
+    try:  # before the engine loads (and caches) any data: a job this machine cannot hold stops here
+        run_preflight(config)
+    except PreflightError as exc:
+        log.error("site %s: CANNOT START: %s", site, exc)
+        raise
     settings = config.federation
     engine = make_engine(config)
     writer = SummaryWriter()
@@ -159,8 +164,3 @@ def main() -> None:
         else:
             log.warning("site %s: unknown task %r; answering with no result", site, flare.get_task_name())
             flare.send(FLModel(metrics={}))
-    try:  # before the engine loads (and caches) any data: a job this machine cannot hold stops here
-        run_preflight(config)
-    except PreflightError as exc:
-        log.error("site %s: CANNOT START: %s", site, exc)
-        raise
