@@ -99,10 +99,11 @@ def test_a_real_site_result_leaves(stage1_config, tmp_path):
     (The train result's validation metrics are the validate task's: checked once, on the validate result.)
     """
     from bsf.engine import Engine
-    from bsf.federation.site_trainer import FLSettings, SiteTrainer
+    from bsf.config import FederationConfig
+    from bsf.federation.site_trainer import SiteTrainer
 
     config = stage1_config("data.crops_per_volume=1", "optim.warmup_steps=1")
-    trainer = SiteTrainer(Engine(config), FLSettings(local_steps=1, validate_global=False), site="site-1")
+    trainer = SiteTrainer(Engine(config), FederationConfig(local_steps=1, validate_global=False), site="site-1")
     shapes = model_shapes_from_run_config("stage1_test")
     start = trainer.local_model()
     result = trainer.train(start, current_round=0)

@@ -21,11 +21,12 @@ import torch
 
 from bsf.bench.harness import Options
 from bsf.bench.synthetic import stage1_config
+from bsf.config import FederationConfig
 from bsf.engine import Engine
 from bsf.errors import BSFError
 from bsf.fl.aggregation import WeightedMean, check_update
 from bsf.federation.payload import exchanged
-from bsf.federation.site_trainer import FLSettings, SiteTrainer
+from bsf.federation.site_trainer import SiteTrainer
 from bsf.model import MODEL_SIZES, SSLModel, build_swin_unetr
 
 SITES = 2
@@ -59,7 +60,7 @@ def payload_rows() -> list[dict]:
 
 def fedavg(opts: Options, transfer_dtype: str, rounds: int) -> tuple[list[float], dict[str, np.ndarray]]:
     """``rounds`` of 2-site FedAvg on encoder differences; per-round mean training loss and the final global encoder."""
-    settings = FLSettings(local_steps=opts.size.fl_local_steps, scope="encoder", transfer="diff",
+    settings = FederationConfig(local_steps=opts.size.fl_local_steps, scope="encoder", transfer="diff",
                           transfer_dtype=transfer_dtype, validate_global=False, resume=False)
     sites = [SiteTrainer(Engine(stage1_config(opts, f"seed={opts.seed + i}")), settings, site=f"site-{i + 1}")
              for i in range(SITES)]

@@ -39,10 +39,6 @@ RESUME_META = "engine_state.json"
 OBJECTIVE_STATE = "objective_state.npz"  # the local objective's own state (SCAFFOLD's control variate)
 TRAIN_LOG = "train_log.jsonl"
 
-#: How a site takes part in a round: the run config's ``federation:`` section (the job writes it, the site reads it).
-FLSettings = FederationConfig
-
-
 @dataclass
 class RoundResult:
     """What a train task sends back: weights (or differences), their kind, metrics and meta."""
