@@ -76,6 +76,36 @@ def _contexts():
     return client, server
 
 
+class _Planted:
+    """Pickles as a call that leaves a marker file: what a planted model file would run if unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code from a model file ran"))
+
+
+def test_decrypting_a_persisted_global_model_reads_tensors_only(tmp_path):
+    import torch
+
+    from bsf.errors import CheckpointError
+
+    client, _ = _contexts()
+    (tmp_path / CLIENT_CONTEXT).write_bytes(client.serialize(save_secret_key=True))
+    values = np.array([0.5, -1.25, 2.0, 3.5], dtype=np.float32)
+    model = tmp_path / "FL_global_model.pt"
+    torch.save({"model": {"w": ts.ckks_vector(client, values.tolist()).serialize(), "b": torch.ones(2)}}, model)
+    plain = decrypt_global_model(model, tmp_path / CLIENT_CONTEXT, {"w": (2, 2), "b": (2,)})
+    assert np.abs(plain["w"] - values.reshape(2, 2)).max() < 1e-4 and plain["b"].tolist() == [1.0, 1.0]
+
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"w": _Planted(marker)}}, model)
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        decrypt_global_model(model, tmp_path / CLIENT_CONTEXT, {"w": (2, 2)})
+    assert not marker.exists(), "code from the model file ran"
+
+
 def _encrypted(client, server, update: dict, steps: int, site: str) -> FLModel:
     """A site's result as the server receives it: each tensor times ``steps``, encrypted, in the server's context."""
     params = {k: ts.ckks_vector_from(server, ts.ckks_vector(client, (v.ravel() * steps).tolist()).serialize())

@@ -324,13 +324,21 @@ def add_he_components(job, run_config: str) -> None:
 
 def decrypt_global_model(model_file: str | os.PathLike, client_context: str | os.PathLike,
                          shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """A persisted encrypted global model, decrypted with a site's ``client_context.tenseal`` (key -> float32 of ``shapes``)."""
-    import torch
+    """A persisted encrypted global model, decrypted with a site's ``client_context.tenseal`` (key -> float32 of ``shapes``).
+
+    The file holds serialized ciphertexts (bytes) and plaintext tensors only, so it is read with
+    ``weights_only=True`` (:func:`bsf.model.read_checkpoint`): a planted file cannot run code.
+    """
+    from bsf.errors import CheckpointError
+    from bsf.model import read_checkpoint
 
     context = ts.context_from(Path(client_context).read_bytes())
     if not context.has_secret_key():
         raise ConfigError(f"{client_context}: this context has no secret key (a server's?); use a site's client context")
-    state = torch.load(model_file, map_location="cpu", weights_only=False)["model"]
+    loaded = read_checkpoint(model_file, "encrypted global model")
+    if not isinstance(loaded, Mapping) or not isinstance(loaded.get("model"), Mapping):
+        raise CheckpointError(f"encrypted global model {model_file}: no 'model' state in it")
+    state = loaded["model"]
     out = {}
     for key, value in state.items():
         plain = ts.ckks_vector_from(context, value).decrypt() if isinstance(value, bytes) else value.numpy()
