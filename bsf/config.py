@@ -387,9 +387,9 @@ def load_config(
     elif source is not None:
         raw = _read_yaml(source)
     for key, value in (settings or {}).items():
-        _set_dotted(raw, key, copy.deepcopy(value))  # the caller's mappings stay as they are
+        set_dotted(raw, key, copy.deepcopy(value))  # the caller's mappings stay as they are
     for item in overrides:
-        _set_dotted(raw, *parse_override(item))
+        set_dotted(raw, *parse_override(item))
     config = _build(RunConfig, _upgrade(raw), "")
     validate(config)
     return config
@@ -417,7 +417,7 @@ def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     mode = raw["finetune"].pop("crop")
     log.warning("config key finetune.crop is now data.transforms.crop.mode; read as data.transforms.crop.mode=%s", mode)
-    _set_dotted(raw, "data.transforms.crop.mode", mode)
+    set_dotted(raw, "data.transforms.crop.mode", mode)
     return raw
 
 
@@ -440,7 +440,8 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
     return data
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``section.key`` in a raw (not yet validated) config mapping, creating sections on the way."""
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:

@@ -47,7 +47,7 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from bsf.config import ENCRYPTIONS, SCOPES, TRANSFER_DTYPES, TRANSFERS, WEIGHTINGS, FederationConfig
+from bsf.config import ENCRYPTIONS, SCOPES, TRANSFER_DTYPES, TRANSFERS, WEIGHTINGS, FederationConfig, parse_override, set_dotted
 from bsf.errors import ConfigError
 from bsf.federation import run_folders
 from bsf.federation.run_folders import RUN_CONFIG_FILE
@@ -158,21 +158,12 @@ def job_run_config(spec: JobSpec) -> dict[str, Any]:
     if spec.pretrained_modalities is not None:
         fixed["model.pretrained_modalities"] = list(spec.pretrained_modalities)
     for key, value in fixed.items():
-        _set_key(raw, key, value)
+        set_dotted(raw, key, value)
     for item in spec.run_overrides:
-        key, _, value = item.partition("=")
-        _set_key(raw, key.strip(), yaml.safe_load(value))
+        set_dotted(raw, *parse_override(item))
     raw["federation"] = dataclasses.asdict(spec.federation)
     _check_stage(spec, load_config(raw), spec.run_config)  # also refuses to export an invalid config
     return raw
-
-
-def _set_key(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
 
 
 def _check_stage(spec: JobSpec, config: Any, source: str) -> None:
@@ -365,10 +356,6 @@ def export_job(spec: JobSpec, out_root: str | os.PathLike) -> Path:
         shutil.copytree(exported, target)
     log.info("exported job %s to %s", spec.name, target)
     return target
-
-
-def export_committed(out_root: str | os.PathLike = "jobs") -> list[Path]:
-    return [export_job(spec, out_root) for spec in COMMITTED_JOBS.values()]
 
 
 def diff_job_folders(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,10 +45,6 @@ def _finetuning(jobs: Any) -> list[str]:
 
 def _run_config(cfg: Any, job: str) -> Path:
     return cfg.out / "jobs" / job / "app" / "config" / RUN_CONFIG_FILE
-
-
-def _finite(values: list[Any]) -> list[float]:
-    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
 
 def _save(fig, path: Path) -> Path:
