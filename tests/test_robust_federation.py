@@ -265,7 +265,7 @@ def test_fedprox_term_is_mu_half_squared_distance_to_the_round_global_model():
     """mu = 0.5, every parameter of a Linear(3, 2) moved by 0.1 after the round's start: 0.25 * 8 * 0.01."""
     import torch
 
-    from bsf.fl.client import FedProxTerm
+    from bsf.fl.objectives import FedProxTerm
 
     module = torch.nn.Linear(3, 2)
     term = FedProxTerm(module, mu=0.5)

@@ -75,7 +75,7 @@ class SiteTrainer:
         local_objective: what the job's algorithm adds to local training (``None``: FedAvg). Its
             ``start_round(global_meta)`` is called once the round's global model is loaded (``global_meta``: the
             global model's meta). Optional parts: called with no arguments, a scalar tensor added to each
-            micro-batch's loss (``engine.extra_loss``; FedProx: :class:`bsf.fl.client.FedProxTerm`);
+            micro-batch's loss (``engine.extra_loss``; FedProx: :class:`bsf.fl.objectives.FedProxTerm`);
             ``after_step(lr)`` after each optimiser step (``lr``: the first parameter group's rate of that step);
             ``end_round()`` -> meta entries of the result; ``state_dict()`` / ``load_state_dict(state)`` (name ->
             array) kept with the site's per-round resume state (SCAFFOLD: :class:`bsf.fl.scaffold.ScaffoldTerm`).

@@ -27,7 +27,7 @@ from bsf.federation.preflight import PreflightError, run_preflight
 from bsf.federation.run_folders import RUN_CONFIG_FILE
 from bsf.federation.site_config import load_with_site, prepare_site_data, resolve_site
 from bsf.federation.site_trainer import SiteTrainer
-from bsf.fl.scaffold import ScaffoldTerm
+from bsf.fl.objectives import local_objective
 
 log = logging.getLogger(__name__)
 
@@ -79,40 +79,6 @@ def site_run_config(site: str, paths: SitePaths) -> RunConfig:
     if config.federation is None:
         raise ConfigError(f"{run_config}: no federation section; export the job with `bsf jobs export`")
     return config
-
-
-class FedProxTerm:
-    """FedProx's proximal term ``mu/2 ||w - w_global||^2`` over the aggregated part, with NVFlare's ``PTFedProxLoss``.
-
-    Args:
-        module: the aggregated part of the site's model (``swinViT`` for scope ``encoder``, else the model).
-        mu: ``federation.fedprox_mu``.
-    """
-
-    def __init__(self, module: Any, mu: float):
-        from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
-
-        self.module, self.loss, self.reference = module, PTFedProxLoss(mu=mu), None
-
-    def start_round(self, global_meta: Any = None) -> None:
-        """Freeze a copy of the round's global model (just loaded into ``module``; its meta is not needed)."""
-        import copy
-
-        self.reference = copy.deepcopy(self.module).requires_grad_(False)
-
-    def __call__(self):
-        """The proximal term (a scalar tensor with gradients into ``module``)."""
-        return self.loss(self.module, self.reference)
-
-
-def local_objective(engine: Any, settings: Any) -> FedProxTerm | ScaffoldTerm | None:
-    """The site's local objective for the job's algorithm (``fedprox``: :class:`FedProxTerm`, ``scaffold``:
-    :class:`~bsf.fl.scaffold.ScaffoldTerm`), else ``None``."""
-    if settings.algorithm == "scaffold":
-        return ScaffoldTerm.for_engine(engine, settings.scope)
-    if settings.algorithm != "fedprox":
-        return None
-    return FedProxTerm(engine.model.swinViT if settings.scope == "encoder" else engine.model, settings.fedprox_mu)
 
 
 def make_engine(config: Any):
