@@ -53,10 +53,10 @@ def _config(stage: str, data_roots: dict[str, str], encoder: str, out) -> RunCon
     """The stage's shipped test preset for R*k steps, one crop per step, the later stages from ``encoder``."""
     spec = STAGES[stage]
     overrides = [
-        f"data.root={data_roots[spec.dataset]}", f"train.output_dir={out}", "train.progress=false",
+        f"data.root={data_roots[spec.datasets[0]]}", f"train.output_dir={out}", "train.progress=false",
         f"train.steps={ROUNDS * LOCAL_STEPS}", "optim.warmup_steps=1", "data.crops_per_volume=1",
     ]
-    if spec.follows is not None:
+    if spec.follows:
         overrides += [f"model.pretrained={encoder}", "model.pretrained_modalities=[t1,flair]"]
     return load_config(f"{stage}_test", overrides)
 

@@ -56,10 +56,10 @@ def test_every_stage_matches_its_committed_job():
     """Kind, data set and scope of each graph stage are those of its committed job's run config."""
     for name, stage in STAGES.items():
         config = load_config(job_run_config(COMMITTED_JOBS[name]))
-        assert (config.stage, config.data.dataset, config.federation.scope) == (stage.kind, stage.dataset, stage.aggregates)
+        assert (config.stage, config.data.dataset, config.federation.scope) == (stage.kind, stage.datasets[0], stage.aggregates)
         assert config.model.in_channels == len(stage.modalities), name
         if stage.follows:
-            assert config.model.pretrained_modalities == list(STAGES[stage.follows].modalities), name
+            assert config.model.pretrained_modalities == list(STAGES[stage.follows[0]].modalities), name
 
 
 def test_start_point_is_the_nearest_stage_that_ran():

@@ -8,9 +8,12 @@
 
 Every driver (the simulator chain, the POC runner, the one-site federation of the experiments, resume)
 orders the stages with :func:`plan` and finds the model a stage starts from with :func:`start_point`:
-the global model of the nearest stage up its ``follows`` line that has one. So ``stage2_atlas`` after
-``stage2_brats`` starts from ``stage1``'s model, and ``stage3_brats`` listed straight after ``stage1``
-(the paper's BSF-1 arm) starts from ``stage1``'s model with ``stage1``'s modalities, adapted to its own.
+the global model of the nearest stage up its ``follows`` lines that has one. A stage may follow several
+stages, preferred first (``follows`` is a tuple): the nearest ones are tried before their own parents.
+So ``stage2_atlas`` after ``stage2_brats`` starts from ``stage1``'s model, and ``stage3_brats`` listed
+straight after ``stage1`` (the paper's BSF-1 arm) starts from ``stage1``'s model with ``stage1``'s
+modalities, adapted to its own. A stage's ``datasets`` are those of the sites that take part: one for
+the per-data-set stages; several for a stage across data sets, where each site trains on its own.
 No NVFlare here: the graph is plain data.
 """
 
@@ -29,13 +32,19 @@ class StageError(BSFError):
 
 @dataclass(frozen=True)
 class Stage:
-    """One federated stage: its kind, data set and input modalities, and the stage whose global model it starts from."""
+    """One federated stage: its kind, the data sets of its sites, its input modalities, and the stages whose global
+    model it may start from (preferred first; empty: a first stage, seeded initialisation)."""
 
     name: str
     kind: Literal["ssl", "finetune"]
-    dataset: Literal["ukb", "brats", "atlas"]
+    datasets: tuple[Literal["ukb", "brats", "atlas"], ...]
     modalities: tuple[str, ...]
-    follows: str | None  # None: a first stage (seeded initialisation)
+    follows: tuple[str, ...] = ()
+
+    @property
+    def across_datasets(self) -> bool:
+        """Whether sites of several data sets take part (each training on its own data set)."""
+        return len(self.datasets) > 1
 
     @property
     def aggregates(self) -> str:
@@ -49,11 +58,11 @@ BRATS_MODALITIES = ("flair", "t1ce", "t1", "t2")
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("stage1", "ssl", "ukb", ("t1", "flair"), None),
-        Stage("stage2_brats", "ssl", "brats", BRATS_MODALITIES, "stage1"),
-        Stage("stage2_atlas", "ssl", "atlas", ("t1",), "stage1"),
-        Stage("stage3_brats", "finetune", "brats", BRATS_MODALITIES, "stage2_brats"),
-        Stage("stage3_atlas", "finetune", "atlas", ("t1",), "stage2_atlas"),
+        Stage("stage1", "ssl", ("ukb",), ("t1", "flair")),
+        Stage("stage2_brats", "ssl", ("brats",), BRATS_MODALITIES, ("stage1",)),
+        Stage("stage2_atlas", "ssl", ("atlas",), ("t1",), ("stage1",)),
+        Stage("stage3_brats", "finetune", ("brats",), BRATS_MODALITIES, ("stage2_brats",)),
+        Stage("stage3_atlas", "finetune", ("atlas",), ("t1",), ("stage2_atlas",)),
     )
 }
 
@@ -76,12 +85,17 @@ def get_stage(name: str) -> Stage:
 
 
 def ancestors(name: str) -> list[str]:
-    """The stages up ``name``'s ``follows`` line, nearest first (``stage3_brats``: ``[stage2_brats, stage1]``)."""
+    """The stages up ``name``'s ``follows`` lines, nearest first, each once (``stage3_brats``: ``[stage2_brats, stage1]``).
+
+    Breadth first: all the stages ``name`` follows (in their order of preference) before any of their parents.
+    """
     line: list[str] = []
-    follows = get_stage(name).follows
-    while follows is not None:
-        line.append(follows)
-        follows = get_stage(follows).follows
+    level = list(get_stage(name).follows)
+    while level:
+        for stage in level:
+            if stage not in line:
+                line.append(stage)
+        level = [parent for stage in level for parent in get_stage(stage).follows]
     return line
 
 

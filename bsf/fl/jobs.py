@@ -90,15 +90,15 @@ class JobSpec:
     @property
     def needs_previous_model(self) -> bool:
         """Whether the server refuses to start without the previous stage's model."""
-        return self.require_pretrained and get_stage(self.stage).follows is not None
+        return self.require_pretrained and bool(get_stage(self.stage).follows)
 
     @property
     def pretrained_modalities(self) -> tuple[str, ...] | None:
-        """Input modalities of the model this job starts from: the start point's, else the stage it follows."""
+        """Input modalities of the model this job starts from: the start point's, else the stage it follows first."""
         if self.start is not None:
             return self.start.modalities
         follows = get_stage(self.stage).follows
-        return STAGES[follows].modalities if follows else None
+        return STAGES[follows[0]].modalities if follows else None
 
 
 def stage_job(stage: str) -> JobSpec:
@@ -167,12 +167,12 @@ def job_run_config(spec: JobSpec) -> dict[str, Any]:
 
 
 def _check_stage(spec: JobSpec, config: Any, source: str) -> None:
-    """The run config must train what the job's stage is (kind and data set), or the graph would lie."""
+    """The run config must train what the job's stage is (kind and one of its data sets), or the graph would lie."""
     stage = get_stage(spec.stage)
-    if (config.stage, config.data.dataset) != (stage.kind, stage.dataset):
+    if config.stage != stage.kind or config.data.dataset not in stage.datasets:
         raise ConfigError(
             f"run config {source}: stage {config.stage} on {config.data.dataset}, but job {spec.name} is stage "
-            f"{stage.name} ({stage.kind} on {stage.dataset})"
+            f"{stage.name} ({stage.kind} on {' or '.join(stage.datasets)})"
         )
 
 
@@ -418,7 +418,7 @@ def spec_from_args(args: argparse.Namespace, base: JobSpec) -> JobSpec:
     if getattr(args, "initial_ckpt", None):
         changes["initial_ckpt"] = args.initial_ckpt
     if getattr(args, "pretrained", None):
-        source = args.pretrained_stage or get_stage(base.stage).follows
+        source = args.pretrained_stage or next(iter(get_stage(base.stage).follows), None)
         if source is None:
             raise ConfigError(f"--pretrained: {base.stage} is a first stage; it starts from the seeded initialisation")
         changes["start"] = start_point(base.stage, {source: args.pretrained})

@@ -113,7 +113,10 @@ class ChainConfig:
 
     def stages(self) -> list[Stage]:
         """The graph's stages on the target data sets (and Stage 1 unless its model is given), parents first."""
-        names = [s.name for s in STAGES.values() if s.dataset in self.targets or (s.follows is None and not self.stage1_model)]
+        names = [
+            s.name for s in STAGES.values()
+            if (not s.across_datasets and s.datasets[0] in self.targets) or (not s.follows and not self.stage1_model)
+        ]
         return [stage for stage, _ in plan(names, available=[FIRST_STAGE] if self.stage1_model else [])]
 
 
@@ -186,7 +189,7 @@ def _server_reason(log_text: str) -> str:
 
 def run_stage(cfg: ChainConfig, stage: Stage, start: StartPoint | None) -> StageResult:
     """Export ``stage``'s job (this run's sizes, starting from ``start``), run it with ``nvflare simulator``, check its artifacts."""
-    sites = cfg.site_names(stage.dataset)
+    sites = [site for dataset in stage.datasets for site in cfg.site_names(dataset)]
     spec = _stage_spec(cfg, stage, len(sites), start)
     job_dir = export_job(spec, cfg.out / "jobs")
     workspace = cfg.out / "ws" / stage.name
@@ -231,7 +234,7 @@ def run_stage(cfg: ChainConfig, stage: Stage, start: StartPoint | None) -> Stage
     shutil.copyfile(global_model, kept)
     best = run_folders.best_model(run_dir)
     result = StageResult(
-        job=stage.name, dataset=stage.dataset, sites=sites, rounds=fed.rounds, local_steps=fed.local_steps,
+        job=stage.name, dataset="+".join(stage.datasets), sites=sites, rounds=fed.rounds, local_steps=fed.local_steps,
         scope=fed.scope, previous_stage=start.stage if start else None,
         previous_model=str(previous_model) if previous_model else None, seconds=round(seconds, 1),
         run_dir=str(run_dir), global_model=str(kept), best_model=str(best) if best.is_file() else None,

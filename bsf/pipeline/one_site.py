@@ -59,7 +59,7 @@ def _start(config: RunConfig, stage: str) -> StartPoint | None:
     """Where the run's job starts: its ``model.pretrained`` as the model of the stage it follows (None: scratch)."""
     if not config.model.pretrained:
         return None
-    follows = get_stage(stage).follows
+    follows = get_stage(stage).follows[0]
     start = start_point(stage, {follows: config.model.pretrained})
     return replace(start, modalities=tuple(config.model.pretrained_modalities))
 
@@ -73,7 +73,7 @@ def train_federated(config: RunConfig, config_path: Path, run_dir: Path, local_s
     from bsf.fl.jobs import JobSpec, simulate
     from bsf.federation.site_config import ENV_SITE_CONFIG
 
-    stage = next(s.name for s in STAGES.values() if (s.kind, s.dataset) == ("finetune", config.data.dataset))
+    stage = next(s.name for s in STAGES.values() if (s.kind, s.datasets) == ("finetune", (config.data.dataset,)))
     site_file = run_dir / "site.yaml"
     site_file.write_text(yaml.safe_dump({"data": {"dataset": config.data.dataset, "root": "", "datalist": config.data.datalist}}))
     start = _start(config, stage)
