@@ -38,13 +38,24 @@ def stage1_model(tmp_path_factory) -> tuple[dict[str, torch.Tensor], Path]:
 
 # ---------------------------------------------------------------------------- the graph
 def test_graph_lines_and_order():
-    assert ancestors("stage3_atlas") == ["stage2_atlas", "stage1"] and ancestors("stage1") == []
+    assert ancestors("stage3_atlas") == ["stage2_atlas", "stage2_all", "stage1"] and ancestors("stage1") == []
+    assert ancestors("stage3_brats") == ["stage2_brats", "stage2_all", "stage1"]
+    assert ancestors("stage2_all") == ["stage1"] and STAGES["stage2_all"].across_datasets
     assert [(s.name, src) for s, src in plan(["stage3_brats", "stage2_atlas", "stage1", "stage2_brats"])] == [
         ("stage1", None), ("stage2_brats", "stage1"), ("stage2_atlas", "stage1"), ("stage3_brats", "stage2_brats"),
     ]
     assert [(s.name, src) for s, src in plan(["stage1", "stage3_brats"])] == [("stage1", None), ("stage3_brats", "stage1")]
     assert [(s.name, src) for s, src in plan(["stage2_atlas"], available=["stage1"])] == [("stage2_atlas", "stage1")]
-    with pytest.raises(StageError, match="stage3_brats starts from the global model of stage2_brats or stage1; list one"):
+    # the heterogeneous pipeline: both Stage 3 tasks start from the Stage 2 across all sites
+    assert [(s.name, src) for s, src in plan(["stage3_atlas", "stage3_brats", "stage2_all", "stage1"])] == [
+        ("stage1", None), ("stage2_all", "stage1"), ("stage3_brats", "stage2_all"), ("stage3_atlas", "stage2_all"),
+    ]
+    # a task's own Stage 2 is preferred when both ran
+    assert dict((s.name, src) for s, src in plan(["stage1", "stage2_brats", "stage2_all", "stage3_brats"]))[
+        "stage3_brats"] == "stage2_brats"
+    with pytest.raises(
+        StageError, match="stage3_brats starts from the global model of stage2_brats or stage2_all or stage1; list one"
+    ):
         plan(["stage3_brats"])
     with pytest.raises(StageError, match="unknown stage 'stage4'"):
         plan(["stage1", "stage4"])
@@ -56,7 +67,8 @@ def test_every_stage_matches_its_committed_job():
     """Kind, data set and scope of each graph stage are those of its committed job's run config."""
     for name, stage in STAGES.items():
         config = load_config(job_run_config(COMMITTED_JOBS[name]))
-        assert (config.stage, config.data.dataset, config.federation.scope) == (stage.kind, stage.datasets[0], stage.aggregates)
+        assert (config.stage, config.federation.scope) == (stage.kind, stage.aggregates), name
+        assert config.data.dataset in stage.datasets, name  # a stage across data sets: each site sets its own
         assert config.model.in_channels == len(stage.modalities), name
         if stage.follows:
             assert config.model.pretrained_modalities == list(STAGES[stage.follows[0]].modalities), name
@@ -70,7 +82,11 @@ def test_start_point_is_the_nearest_stage_that_ran():
     bsf1 = start_point("stage3_brats", {"stage1": "/m/stage1.pt"})
     assert bsf1.stage == "stage1" and bsf1.modalities == ("t1", "flair")
     assert start_point("stage1", models) is None
-    with pytest.raises(StageError, match="stage3_atlas starts from the global model of stage2_atlas or stage1, and none"):
+    across = start_point("stage3_atlas", {"stage1": "/m/stage1.pt", "stage2_all": "/m/stage2_all.pt"})
+    assert (across.stage, across.modalities) == ("stage2_all", ("t1", "t1ce", "t2", "flair"))
+    with pytest.raises(
+        StageError, match="stage3_atlas starts from the global model of stage2_atlas or stage2_all or stage1, and none"
+    ):
         start_point("stage3_atlas", {"stage2_brats": "/m/x.pt"})
 
 

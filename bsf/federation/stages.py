@@ -5,6 +5,8 @@
     stage1 (ssl, ukb: t1, flair)
       +-- stage2_brats (ssl, brats: flair, t1ce, t1, t2) -- stage3_brats (finetune, brats)
       +-- stage2_atlas (ssl, atlas: t1)                   -- stage3_atlas (finetune, atlas)
+      +-- stage2_all (ssl, ukb + brats + atlas: t1, t1ce, t2, flair; each site its own)
+            feeds stage3_brats and stage3_atlas too (each prefers its own data set's Stage 2)
 
 Every driver (the simulator chain, the POC runner, the one-site federation of the experiments, resume)
 orders the stages with :func:`plan` and finds the model a stage starts from with :func:`start_point`:
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
 from bsf.errors import BSFError
+from bsf.federation.modality import MODALITY_ORDER
 
 
 class StageError(BSFError):
@@ -61,8 +64,9 @@ STAGES: dict[str, Stage] = {
         Stage("stage1", "ssl", ("ukb",), ("t1", "flair")),
         Stage("stage2_brats", "ssl", ("brats",), BRATS_MODALITIES, ("stage1",)),
         Stage("stage2_atlas", "ssl", ("atlas",), ("t1",), ("stage1",)),
-        Stage("stage3_brats", "finetune", ("brats",), BRATS_MODALITIES, ("stage2_brats",)),
-        Stage("stage3_atlas", "finetune", ("atlas",), ("t1",), ("stage2_atlas",)),
+        Stage("stage2_all", "ssl", ("ukb", "brats", "atlas"), MODALITY_ORDER, ("stage1",)),
+        Stage("stage3_brats", "finetune", ("brats",), BRATS_MODALITIES, ("stage2_brats", "stage2_all")),
+        Stage("stage3_atlas", "finetune", ("atlas",), ("t1",), ("stage2_atlas", "stage2_all")),
     )
 }
 
