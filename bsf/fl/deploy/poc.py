@@ -75,10 +75,12 @@ def with_he_builder(builders: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
 def poc_project(
     template: Mapping[str, Any], sites: Sequence[str], ports: tuple[int, int],
     site_configs: Mapping[str, str] | None = None, heartbeat_timeout: float | None = None, he: bool = False,
+    server_host: str | None = None,
 ) -> dict[str, Any]:
     """The project file for a local deployment: ``template``'s builders and admin, a ``server`` on ``ports``
     (federated learning, admin), CPU clients named ``sites`` (with ``site_configs[site]`` as their data config);
-    ``he``: also the TenSEAL contexts of encrypted jobs (:func:`with_he_builder`)."""
+    ``he``: also the TenSEAL contexts of encrypted jobs (:func:`with_he_builder`); ``server_host``: the sites reach
+    the server at that host name (in its certificate too) instead of ``localhost``."""
     project = copy.deepcopy(dict(template))
     admins = [p for p in project.get("participants", []) if p.get("type") == "admin"]
     if not admins:
@@ -86,8 +88,12 @@ def poc_project(
     participants: list[dict[str, Any]] = [
         {"name": SERVER, "type": "server", "org": "consortium", "fed_learn_port": ports[0], "admin_port": ports[1]}
     ]
+    if server_host:
+        participants[0]["host_names"] = [server_host]
     for i, site in enumerate(sites):
         entry: dict[str, Any] = {"name": site, "type": "client", "org": f"org{i + 1}"}
+        if server_host:
+            entry["connect_to"] = {"host": server_host}
         if site_configs and site_configs.get(site):
             entry["bsf_site_config"] = str(Path(site_configs[site]).resolve())
         participants.append(entry)
@@ -113,12 +119,16 @@ class PocDeployment:
         heartbeat_timeout: seconds before the server drops a silent site.
         env: extra environment for every process (e.g. ``OMP_NUM_THREADS``, ``NVFLARE_*`` settings).
         he: provision the TenSEAL contexts, for jobs with ``federation.encryption: he``.
+        server_host: the host name the sites connect to (default ``localhost``), e.g. the server's address on a
+            shaped link (``benchmarks/shaped_link.py``).
+        launchers: participant -> command prefix its start runs under (e.g. ``["ip", "netns", "exec", "ns1"]``).
     """
 
     def __init__(
         self, root: str | os.PathLike, sites: Sequence[str] = ("site-1", "site-2"),
         site_configs: Mapping[str, str] | None = None, project: str | os.PathLike = PROJECT_FILE,
         heartbeat_timeout: float | None = None, env: Mapping[str, str] | None = None, he: bool = False,
+        server_host: str | None = None, launchers: Mapping[str, Sequence[str]] | None = None,
     ):
         self.root = Path(root).resolve()
         self.sites = list(sites)
@@ -126,6 +136,8 @@ class PocDeployment:
         self.project_template = Path(project)
         self.heartbeat_timeout = heartbeat_timeout
         self.he = he
+        self.server_host = server_host
+        self.launchers = {name: list(prefix) for name, prefix in (launchers or {}).items()}
         self.workspace = self.root / "poc"
         self.env = dict(os.environ)
         self.env.update(
@@ -164,7 +176,8 @@ class PocDeployment:
         template = yaml.safe_load(self.project_template.read_text())
         self.admin = next(p["name"] for p in template["participants"] if p.get("type") == "admin")
         self.ports = tuple(free_ports(2))
-        project = poc_project(template, self.sites, self.ports, self.site_configs, self.heartbeat_timeout, he=self.he)
+        project = poc_project(template, self.sites, self.ports, self.site_configs, self.heartbeat_timeout, he=self.he,
+                              server_host=self.server_host)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "home").mkdir(exist_ok=True)
         project_file = self.root / "project.yml"
@@ -208,7 +221,8 @@ class PocDeployment:
         log_file = open(self.root / f"start_{name}.log", "a")
         with log_file:
             proc = subprocess.Popen(
-                [self.nvflare, "poc", "start", "-p", name, "--no-wait"], env=self.env, start_new_session=True,
+                [*self.launchers.get(name, []), self.nvflare, "poc", "start", "-p", name, "--no-wait"], env=self.env,
+                start_new_session=True,
                 stdout=log_file, stderr=subprocess.STDOUT,
             )
             if proc.wait(timeout=120) != 0:
