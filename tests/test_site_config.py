@@ -91,7 +91,9 @@ def test_the_site_kit_check_type_checks_the_values_too(tmp_path):
     with pytest.raises(ConfigError, match=rf"^data\.num_workers: .*site config {path}"):
         check_site_config(path, "brats-site-a")
     path.write_text("data: {dataset: brats, root: /data/brats, modalities: [flair, t1ce, t1, t2]}\n")
-    assert check_site_config(path, "brats-site-a") == f"{path}: data.dataset=brats, data.root=/data/brats"
+    assert check_site_config(path, "brats-site-a") == (
+        f"{path}: data.dataset=brats, data.root=/data/brats; modalities flair, t1ce, t1, t2"
+    )
 
 
 # ----------------------------------------------------------------------------- site maps

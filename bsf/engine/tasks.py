@@ -11,7 +11,7 @@ from torch import nn
 
 from bsf.config import RunConfig
 from bsf.data.pipeline import validation_crops
-from bsf.data.transforms import random_transforms
+from bsf.data.transforms import model_channels, random_transforms
 from bsf.engine.segmentation import SegmentationTask
 from bsf.engine.stage_model import input_modalities, load_pretrained_if_configured
 from bsf.model import SSLModel
@@ -54,11 +54,14 @@ class SSLTask:
             max_drop_fraction=config.ssl.max_drop_fraction,
             noise_range=config.ssl.noise_range,
         )
+        #: a modality-aware model at a site holding some of its modalities: the channels its data fills (else None)
+        self.held = _held_channels(config)
         self.criterion = SSLLoss(
             rotation_weight=config.ssl.rotation_weight,
             contrastive_weight=config.ssl.contrastive_weight,
             reconstruction_weight=config.ssl.reconstruction_weight,
             temperature=config.ssl.temperature,
+            scored_channels=self.held,
         )
 
     def build_model(self) -> nn.Module:
@@ -74,8 +77,15 @@ class SSLTask:
         return random_transforms(self.config.data, with_label=False, channels=input_modalities(self.config))
 
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``batch["image"]``: (N, C, *roi) crops -> total loss and its unweighted parts."""
+        """``batch["image"]``: (N, C, *roi) crops -> total loss and its unweighted parts.
+
+        With a modality-aware model the channels the site does not hold stay empty in the corrupted views too (the
+        noise boxes span all channels), as they are at prediction; the reconstruction scores the held ones only.
+        """
         views = make_ssl_views(batch["image"], generator, self.corruption)
+        if self.held is not None:
+            absent = [c for c in range(views.inputs.shape[1]) if c not in self.held]
+            views.inputs[:, absent] = 0
         out = model(views.inputs)
         return self.criterion(out.rotation_logits, views.rotation_labels, out.contrastive, out.reconstruction, views.targets)
 
@@ -102,6 +112,12 @@ class SSLTask:
                 sums[name] = sums.get(name, 0.0) + value * len(chunk)
                 counts[name] = counts.get(name, 0) + len(chunk)
         return {name: sums[name] / counts[name] for name in sums}
+
+
+def _held_channels(config: RunConfig) -> list[int] | None:
+    """The model channels this site's data fills (a modality-aware model), in order; None: it fills them all."""
+    layout = model_channels(config.data, config.model.modalities)
+    return None if layout is None or not layout.missing() else sorted(layout.index)
 
 
 def build_task(config: RunConfig) -> Task:

@@ -1,7 +1,8 @@
 """``bsf site check``: validate a site's YAML (the format of :mod:`bsf.federation.site_config`) and the data it points at.
 
 Checks, in order: the YAML's keys (strictly, through the run config), the paths (data root, datalist,
-cache folder), that the cases can be found, their channel count against the job's model, then a header
+cache folder), that the cases can be found, their channel count against the job's model (a modality-aware
+model: against the modalities the site holds), then a header
 check of every file (``full=True`` also decodes the voxels). Reports the cache size the data needs, and
 the preflight (:mod:`bsf.federation.preflight`: RAM, GPU memory, cache disk and CPU cores the job needs
 against this machine's); ``bsf site preflight`` runs that part alone.
@@ -81,8 +82,8 @@ def check_site(
     report.lines.append(f"{len(cases)} case(s) from {'datalist ' + data.datalist if data.datalist else 'folder ' + data.root}")
     channels = {len(c["image"]) if isinstance(c["image"], list) else 1 for c in cases}
     report.lines.append(f"channels per case: {', '.join(map(str, sorted(channels)))}" + (f" ({', '.join(data.modalities)})" if data.modalities else ""))
-    if config is not None and channels != {cfg.model.in_channels}:
-        report.problems.append(f"cases have {sorted(channels)} image channel(s) but the job's model.in_channels is {cfg.model.in_channels}")
+    if config is not None:
+        _check_channels(cfg, channels, report)
     per_case = case_bytes(cases)
     report.lines.append(_cache_estimate(per_case, len(cases), data.cache, data.cache_dir))
     preflight = requirements(cfg, machine or this_machine(cfg), len(cases), per_case)
@@ -98,6 +99,31 @@ def check_site(
         hint = " (or set data.skip_broken: true)" if not data.skip_broken else " (data.skip_broken is set: training leaves them out)"
         report.problems.append(f"{len(result.broken)} broken case(s); run `bsf data check --write-clean`{hint}")
     return report
+
+
+def _check_channels(cfg, channels: set[int], report: SiteReport) -> None:
+    """A case's image files against the job's model: one per ``model.in_channels``, or with a modality-aware model
+    (``model.modalities``) one per modality this site holds (``data.modalities``, default its data set's), the
+    model's other channels left empty."""
+    from bsf.data.transforms import held_modalities
+
+    if not cfg.model.modalities:
+        if channels != {cfg.model.in_channels}:
+            report.problems.append(
+                f"cases have {sorted(channels)} image channel(s) but the job's model.in_channels is {cfg.model.in_channels}"
+            )
+        return
+    held = held_modalities(cfg.data)
+    empty = [m for m in cfg.model.modalities if m not in held]
+    report.lines.append(
+        f"model channels {', '.join(cfg.model.modalities)}: this site fills {', '.join(held)}"
+        + (f"; empty: {', '.join(empty)}" if empty else "")
+    )
+    if channels != {len(held)}:
+        report.problems.append(
+            f"cases have {sorted(channels)} image channel(s) but this site holds {len(held)} modalit"
+            f"{'y' if len(held) == 1 else 'ies'} ({', '.join(held)}; data.modalities) of the job's model.modalities"
+        )
 
 
 def _site_cases(cfg) -> tuple[list[dict], Path]:

@@ -5,11 +5,14 @@
     bsf chain --out chain_out            # CPU-demo size (python simulator/chain.py is the same command)
     bsf chain --out /tmp/chain --tiny    # 1-2 rounds x 1 step: a smoke test (minutes)
     bsf chain --out chain_out --sites ukb=3,brats=2,atlas=2 --rounds 5 --local-steps 10
+    bsf chain --out het --tiny --sites ukb=1,brats=2,atlas=1 --stages stage1 stage2_all stage3_brats stage3_atlas
 
 Simulated sites hold synthetic data of one kind (default 2 UKB-like, 2 BraTS-like, 1 ATLAS-like),
 written once under ``<out>/data/<site>/`` and mapped to the sites by ``<out>/sites.yaml``
-(``BSF_SITE_CONFIG``). The stages are those of the graph (:mod:`bsf.federation.stages`) whose data sets are
-targets, run as the committed jobs do (``bsf.fl.jobs.COMMITTED_JOBS``), exported with this run's sizes
+(``BSF_SITE_CONFIG``; each site's data set and the modalities it holds). The stages are those of the graph
+(:mod:`bsf.federation.stages`) whose data sets are targets, or those named by ``--stages`` (any stage of the
+graph; a stage across data sets such as ``stage2_all`` runs at the sites of all its data sets, each on its
+own data), run as the committed jobs do (``bsf.fl.jobs.COMMITTED_JOBS``), exported with this run's sizes
 and the model each starts from (:func:`bsf.federation.stages.start_point`) to ``<out>/jobs/`` and started with
 ``nvflare simulator`` exactly as a user would:
 
@@ -21,7 +24,12 @@ stage2_brats   BraTS-like  stage1 global         encoder; channels (t1, flair) -
 stage2_atlas   ATLAS-like  stage1 global         encoder; channels (t1, flair) -> (t1)
 stage3_brats   BraTS-like  stage2_brats global   whole SwinUNETR; cross-site evaluation (Dice)
 stage3_atlas   ATLAS-like  stage2_atlas global   whole SwinUNETR; cross-site evaluation (Dice)
+stage2_all     all sites   stage1 global         encoder, channels (t1, flair) -> t1, t1ce, t2, flair;
+                                                 each modality's first-layer filters over its sites
 =============  ==========  ====================  ===============================================
+
+(``stage2_all`` only with ``--stages``; then ``stage3_brats``/``stage3_atlas`` start from it unless their own
+data set's Stage 2 is listed too.)
 
 Results: ``<out>/models/<job>.pt`` (each stage's ``FL_global_model.pt``), ``<out>/ws/<job>/``
 (simulator workspaces), ``<out>/logs/<job>.log``, and the report ``<out>/report/`` (``report.md``,
@@ -52,10 +60,10 @@ from bsf.fl.crosssite import write_cross_site_table
 from bsf.fl.jobs import COMMITTED_JOBS, JobSpec, export_job
 from bsf.federation.site_config import ENV_SITE_CONFIG, site_seed
 from bsf.federation.stages import STAGES, Stage, StartPoint, plan, start_point
+from bsf.pipeline.sites import parse_sites, site_datasets, site_entry, stage_sites
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("ukb", "brats", "atlas")
 FIRST_STAGE = "stage1"
 
 
@@ -69,7 +77,8 @@ class ChainConfig:
 
     out: Path
     sites: dict[str, int] = field(default_factory=lambda: {"ukb": 2, "brats": 2, "atlas": 1})
-    targets: tuple[str, ...] = ("brats", "atlas")  # Stage 2/3 data sets
+    targets: tuple[str, ...] = ("brats", "atlas")  # Stage 2/3 data sets (when no stage_names are given)
+    stage_names: tuple[str, ...] = ()  # the stages to run (any of the graph, parents first); empty: by targets
     subjects: int = 4          # synthetic subjects per site (one of them is the site's validation case)
     spacing: float = 3.0       # mm; 3 mm: UKB 61x73x61, BraTS 80x80x52, ATLAS 66x78x63 voxels
     rounds: int = 3            # Stages 1 and 2
@@ -93,27 +102,29 @@ class ChainConfig:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).resolve()
-        unknown = sorted(set(self.sites) - set(DATASETS))
-        if unknown:
-            raise BSFError(f"--sites: unknown data set(s) {unknown}; use {', '.join(DATASETS)}")
-        for target in self.targets:
+        datasets = site_datasets(self.sites)  # refuses unknown data sets
+        for target in () if self.stage_names else self.targets:
             if target not in ("brats", "atlas"):
                 raise BSFError(f"--targets: {target!r} is not brats or atlas")
             if self.sites.get(target, 0) < 1:
                 raise BSFError(f"--targets {target} needs at least one {target} site (--sites {target}=N)")
-        if self.stage1_model is None and self.sites.get("ukb", 0) < 1:
+        if self.stage1_model is None and self.sites.get("ukb", 0) < 1 and FIRST_STAGE in [s.name for s in self.stages()]:
             raise BSFError("Stage 1 needs at least one ukb site (or give --stage1-model)")
+        for stage in self.stages():
+            stage_sites(stage, datasets)  # every stage has sites
         if self.subjects < 2:
             raise BSFError("--subjects must be >= 2 (one validation case per site)")
         if min(self.rounds, self.stage3_rounds, self.local_steps, self.crops_per_volume) < 1:
             raise BSFError("rounds, local steps and crops per volume must be >= 1")
 
-    def site_names(self, dataset: str) -> list[str]:
-        return [f"{dataset}-{i + 1}" for i in range(self.sites.get(dataset, 0))]
+    def site_names(self, stage: Stage) -> list[str]:
+        """The sites that take part in ``stage``: those of all its data sets."""
+        return stage_sites(stage, site_datasets(self.sites))
 
     def stages(self) -> list[Stage]:
-        """The graph's stages on the target data sets (and Stage 1 unless its model is given), parents first."""
-        names = [
+        """The stages to run, parents first: ``stage_names``, else the graph's per-data-set stages on the target
+        data sets (and Stage 1 unless its model is given)."""
+        names = list(self.stage_names) or [
             s.name for s in STAGES.values()
             if (not s.across_datasets and s.datasets[0] in self.targets) or (not s.follows and not self.stage1_model)
         ]
@@ -122,14 +133,16 @@ class ChainConfig:
 
 # ----------------------------------------------------------------------------- data and sites
 def prepare_data(cfg: ChainConfig) -> dict[str, Path]:
-    """Synthesise each site's data once (seeded by the site's name); write the site map; return site -> root."""
+    """Synthesise the data of each site that takes part in a stage once (seeded by the site's name); write the
+    site map (each site's data set, modalities and data); return site -> root."""
     from bsf.data.synth import synthesize
 
     roots: dict[str, Path] = {}
     entries: dict[str, Any] = {}
-    datasets = (["ukb"] if not cfg.stage1_model else []) + list(cfg.targets)
-    for dataset in datasets:
-        for site in cfg.site_names(dataset):
+    datasets = site_datasets(cfg.sites)
+    taking_part = {site for stage in cfg.stages() for site in cfg.site_names(stage)}
+    for site, dataset in datasets.items():
+        if site in taking_part:
             root = cfg.out / "data" / site
             marker = root / ".complete"
             if not marker.is_file():
@@ -139,10 +152,10 @@ def prepare_data(cfg: ChainConfig) -> dict[str, Path]:
                 synthesize(dataset, cfg.subjects, root, spacing=cfg.spacing, seed=site_seed(site))
                 marker.write_text(f"{dataset} {cfg.subjects} {cfg.spacing}\n")
             roots[site] = root
-            entries[site] = {"data": {"dataset": dataset, "root": str(root), "datalist": None}}
+            entries[site] = site_entry(dataset, root=str(root), datalist=None)
     site_map = cfg.out / "sites.yaml"
     site_map.write_text(
-        "# Simulated sites of this chained run (written by bsf.pipeline.chain): site -> its synthetic data.\n"
+        "# Simulated sites of this chained run (written by bsf.pipeline.chain): site -> its data set, the modalities it holds and its synthetic data.\n"
         + yaml.safe_dump({"sites": entries}, sort_keys=False)
     )
     return roots
@@ -189,7 +202,7 @@ def _server_reason(log_text: str) -> str:
 
 def run_stage(cfg: ChainConfig, stage: Stage, start: StartPoint | None) -> StageResult:
     """Export ``stage``'s job (this run's sizes, starting from ``start``), run it with ``nvflare simulator``, check its artifacts."""
-    sites = [site for dataset in stage.datasets for site in cfg.site_names(dataset)]
+    sites = cfg.site_names(stage)
     spec = _stage_spec(cfg, stage, len(sites), start)
     job_dir = export_job(spec, cfg.out / "jobs")
     workspace = cfg.out / "ws" / stage.name
@@ -285,16 +298,6 @@ def run_chain(cfg: ChainConfig) -> dict[str, Any]:
     return summary
 
 
-def _parse_sites(text: str) -> dict[str, int]:
-    sites: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, count = part.partition("=")
-        if not sep or not count.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"--sites: {part!r} is not DATASET=N")
-        sites[name.strip()] = int(count)
-    return sites
-
-
 def add_chain_parser(sub) -> None:
     """Add ``bsf chain`` to the ``bsf`` parser's subparsers ``sub``."""
     p = sub.add_parser(
@@ -303,8 +306,13 @@ def add_chain_parser(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (data, jobs, workspaces, models, report)")
     p.add_argument("--tiny", action="store_true", help="test size: 3 subjects/site, 1 round x 1 step (Stage 3: 2 rounds)")
-    p.add_argument("--sites", type=_parse_sites, help="sites per data set, e.g. ukb=2,brats=2,atlas=1 (the default)")
+    p.add_argument("--sites", type=parse_sites, help="sites per data set, e.g. ukb=2,brats=2,atlas=1 (the default)")
     p.add_argument("--targets", help="Stage 2/3 data sets, comma-separated (default: brats,atlas)")
+    p.add_argument(
+        "--stages", nargs="+", choices=list(STAGES),
+        help="the stages to run (parents first, any order), e.g. stage1 stage2_all stage3_brats stage3_atlas "
+        "(default: stage1 and the per-data-set stages of --targets)",
+    )
     p.add_argument("--subjects", type=int, help="synthetic subjects per site")
     p.add_argument("--spacing", type=float, help="synthetic voxel size in mm (default 3)")
     p.add_argument("--rounds", type=int, help="rounds of Stages 1 and 2")
@@ -324,6 +332,8 @@ def cmd_chain(args: argparse.Namespace) -> None:
     changes: dict[str, Any] = {name: getattr(args, name) for name in CHAIN_OPTIONS if getattr(args, name) is not None}
     if args.targets:
         changes["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    if args.stages:
+        changes["stage_names"] = tuple(args.stages)
     if args.cross_site_ssl:
         changes["cross_site_ssl"] = True
     run_chain((ChainConfig.tiny if args.tiny else ChainConfig.demo)(args.out, **changes))

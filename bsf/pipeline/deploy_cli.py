@@ -4,6 +4,7 @@
 
     bsf deploy site-kit KIT --site-config sites/ukb.yaml [--gpus 1 --gpu-mem 40] [--privacy none|percentile|svt]
     bsf deploy poc --out poc_out [--stages stage1 stage2_brats stage3_brats] [--sites 2] [--rounds R --local-steps K] [--encryption he]
+    bsf deploy poc --out poc_het --sites ukb=1,brats=2,atlas=1 --stages stage1 stage2_all stage3_brats stage3_atlas
     bsf deploy resume --job stage1 --server-run SERVER_WS/JOB_ID --out jobs_resume [--rounds R --local-steps K]
     bsf deploy target JOB_FOLDER --sites brats-site-a brats-site-b
 
@@ -28,9 +29,8 @@ def cmd_site_kit(args: argparse.Namespace) -> None:
 def cmd_poc(args: argparse.Namespace) -> None:
     from bsf.pipeline.poc_run import run_poc
 
-    sites = [f"site-{i + 1}" for i in range(args.sites)]
     summary = run_poc(
-        args.out, stages=args.stages, sites=sites, num_rounds=args.rounds, local_steps=args.local_steps,
+        args.out, stages=args.stages, sites=args.sites, num_rounds=args.rounds, local_steps=args.local_steps,
         overrides=args.override or (), cross_site_eval=False if args.no_cross_site_eval else None,
         timeout=args.timeout, encryption=args.encryption,
     )
@@ -64,6 +64,7 @@ def add_deploy_parser(sub) -> None:
     from bsf.config import ENCRYPTIONS
     from bsf.fl.deploy.policies import DP_CHOICES
     from bsf.fl.jobs import COMMITTED_JOBS
+    from bsf.pipeline.sites import site_option
 
     deploy = sub.add_parser("deploy", help="real NVFlare deployments: site kits, a local POC run, resuming").add_subparsers(
         dest="deploy_command", required=True
@@ -79,7 +80,9 @@ def add_deploy_parser(sub) -> None:
     poc = deploy.add_parser("poc", help="provision, start, run the stage jobs, collect models and metrics, stop (all local)")
     poc.add_argument("--out", required=True, help="folder for kits, workspaces, results and models")
     poc.add_argument("--stages", nargs="+", default=["stage1", "stage2_brats", "stage3_brats"], choices=sorted(COMMITTED_JOBS))
-    poc.add_argument("--sites", type=int, default=2, help="number of local sites (they synthesise their data)")
+    poc.add_argument("--sites", type=site_option, default=site_option("2"),
+                     help="N local sites (each runs every stage), or sites per data set, e.g. ukb=1,brats=2,atlas=1 "
+                     "(each runs the stages of its data set); they synthesise their data")
     poc.add_argument("--rounds", type=int, default=None, help="rounds per stage (default: the job's)")
     poc.add_argument("--local-steps", type=int, default=None, help="steps per round (default: the job's)")
     poc.add_argument("--override", action="append", help="run-config override for every stage, section.key=value")

@@ -6,11 +6,18 @@ with the requested rounds and steps; each stage that follows another starts from
 global model :func:`bsf.federation.stages.start_point` finds: the nearest stage up its line that ran (so
 ``stage2_atlas`` after ``stage2_brats`` starts from ``stage1``, and ``stage3_brats`` straight after
 ``stage1`` from ``stage1``'s model, channels adapted). The model is a server-side path baked into the
-job. What it leaves in ``out``::
+job.
+
+Sites: a list of names (every site runs every stage and synthesises the job's data set), or site -> data set
+(``bsf deploy poc --sites ukb=1,brats=2,atlas=1``): then each site gets a site configuration naming its data
+set and modalities (synthetic data of that data set, ``site_configs/<site>.yaml`` in its kit) unless one is given,
+and each stage runs only at the sites of its data sets (the job's deploy map and ``min_clients``), so a stage
+across data sets (``stage2_all``) runs at all of them. What it leaves in ``out``::
 
     models/<stage>_FL_global_model.pt, models/<stage>_best_FL_global_model.pt
     results/<job id>/workspace/     the server's run folder: bsf_rounds.jsonl, bsf_metrics.json, tb_events/, logs
-    poc_summary.json                per stage: job id, status, rounds, accepted/rejected sites, last round's metrics
+    poc_summary.json                per stage: job id, status, sites, rounds, accepted/rejected sites, last round's metrics
+    site_configs/<site>.yaml        with sites by data set: each site's configuration (data set, modalities, synthetic)
     poc/                            the kits and every participant's workspace and logs (sites' privacy audits)
 """
 
@@ -24,9 +31,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import yaml
+
+from bsf.errors import BSFError
 from bsf.federation import run_folders
 from bsf.fl.deploy.poc import DeploymentError, PocDeployment
-from bsf.federation.stages import plan, start_point
+from bsf.federation.stages import Stage, plan, start_point
+from bsf.pipeline.sites import site_entry, stage_sites
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +55,26 @@ def stage_summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def plan_jobs(
-    jobs: Sequence[str], n_sites: int, num_rounds: int | None = None, local_steps: int | None = None,
-    overrides: Sequence[str] = (), cross_site_eval: bool | None = None, encryption: str | None = None,
-) -> list:
-    """The listed committed jobs in stage-graph order with this run's sizes (their starting models come later).
+def sites_of(stage: Stage, sites: Sequence[str] | Mapping[str, str]) -> list[str]:
+    """The sites that run ``stage``: all of ``sites`` (names), or of ``site -> data set`` those of its data sets."""
+    if not isinstance(sites, Mapping):
+        return list(sites)
+    try:
+        return stage_sites(stage, sites)
+    except BSFError as exc:
+        raise DeploymentError(str(exc)) from None
 
-    A stage whose predecessor (nor any stage up its line) is listed is an error here, before anything starts.
+
+def plan_jobs(
+    jobs: Sequence[str], sites: Sequence[str] | Mapping[str, str], num_rounds: int | None = None,
+    local_steps: int | None = None, overrides: Sequence[str] = (), cross_site_eval: bool | None = None,
+    encryption: str | None = None,
+) -> list[tuple[Any, list[str]]]:
+    """The listed committed jobs in stage-graph order with this run's sizes, each with the sites that run it
+    (:func:`sites_of`; ``min_clients`` at most their number); their starting models come later.
+
+    A stage whose predecessor (nor any stage up its line) is listed, or that no site can run, is an error here,
+    before anything starts.
     """
     from bsf.fl.jobs import COMMITTED_JOBS
 
@@ -63,19 +87,25 @@ def plan_jobs(
     specs = []
     for stage, _ in plan(list(by_stage)):
         spec = by_stage[stage.name]
-        changes = {"min_clients": min(spec.federation.min_clients, n_sites)}
+        names = sites_of(stage, sites)
+        changes = {"min_clients": min(spec.federation.min_clients, len(names))}
         changes.update({k: v for k, v in (("rounds", num_rounds), ("local_steps", local_steps), ("cross_site_eval", cross_site_eval)) if v is not None})
         if encryption == "he":  # the server holds only the encrypted model: no cross-site evaluation
             changes.update(encryption="he", cross_site_eval=False)
-        specs.append(replace(spec, run_overrides=[*spec.run_overrides, *overrides]).with_federation(**changes))
+        specs.append((replace(spec, run_overrides=[*spec.run_overrides, *overrides]).with_federation(**changes), names))
     return specs
 
 
-def _run_job(poc: PocDeployment, spec, out: Path, timeout: float) -> dict[str, Any]:
-    """Submit ``spec``'s exported job, wait, download its run folder; return its summary entry."""
+def _run_job(poc: PocDeployment, spec, out: Path, timeout: float, sites: Sequence[str] | None = None) -> dict[str, Any]:
+    """Submit ``spec``'s exported job (deployed to ``sites`` only when given, else to every site), wait, download
+    its run folder; return its summary entry."""
+    from bsf.fl.deploy.targets import target_sites
     from bsf.fl.jobs import export_job
 
-    job_id = poc.submit(export_job(spec, out / "jobs"))
+    job_dir = export_job(spec, out / "jobs")
+    if sites is not None:
+        target_sites(job_dir, sites)
+    job_id = poc.submit(job_dir)
     status = poc.wait(job_id, timeout=timeout)
     run_dir = poc.download(job_id, out / "results")
     entry = {"job_id": job_id, "status": status, "run_dir": str(run_dir), **stage_summary(run_dir)}
@@ -116,29 +146,56 @@ def _decrypt_model(source: Path, target: Path, client_context: Path, run_dir: Pa
     torch.save({"model": {k: torch.from_numpy(v) for k, v in plain.items()}}, target)
 
 
+def dataset_site_configs(out: Path, sites: Mapping[str, str], given: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Each site's configuration file: ``given[site]``, else ``out/site_configs/<site>.yaml`` written here, naming
+    the site's data set and modalities (:func:`bsf.pipeline.sites.site_entry`) and no data: the site synthesises
+    a small set of its data set in its workspace."""
+    folder = out / "site_configs"
+    configs: dict[str, str] = {}
+    for site, dataset in sites.items():
+        if given and given.get(site):
+            configs[site] = str(given[site])
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{site}.yaml"
+        path.write_text(
+            f"# POC site {site} (written by bsf.pipeline.poc_run): a {dataset}-like site synthesising its data.\n"
+            + yaml.safe_dump(site_entry(dataset), sort_keys=False)
+        )
+        configs[site] = str(path)
+    return configs
+
+
 def run_poc(
-    out: str | os.PathLike, stages: Sequence[str] = ("stage1",), sites: Sequence[str] = ("site-1", "site-2"),
+    out: str | os.PathLike, stages: Sequence[str] = ("stage1",),
+    sites: Sequence[str] | Mapping[str, str] = ("site-1", "site-2"),
     num_rounds: int | None = None, local_steps: int | None = None, overrides: Sequence[str] = (),
     site_configs: Mapping[str, str] | None = None, cross_site_eval: bool | None = None,
     env: Mapping[str, str] | None = None, timeout: float = 3600, encryption: str | None = None,
 ) -> dict[str, Any]:
     """Run ``stages`` on a fresh local deployment of ``sites``; returns the summary also written to ``poc_summary.json``.
 
+    ``sites``: names (every site runs every stage), or site -> data set (each stage at the sites of its data
+    sets; sites without a ``site_configs`` entry get one naming their data set, :func:`dataset_site_configs`).
     ``encryption="he"``: every stage's updates are encrypted (the kits get TenSEAL contexts; see :mod:`bsf.fl.he`).
     """
-    specs = plan_jobs(stages, len(sites), num_rounds, local_steps, overrides, cross_site_eval, encryption)
+    specs = plan_jobs(stages, sites, num_rounds, local_steps, overrides, cross_site_eval, encryption)
     he = encryption == "he"
     out = Path(out).resolve()
     (out / "models").mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"sites": list(sites), "stages": {}}
+    by_dataset = isinstance(sites, Mapping)
+    if by_dataset:
+        site_configs = dataset_site_configs(out, sites, site_configs)
+    summary: dict[str, Any] = {"sites": dict(sites) if by_dataset else list(sites), "stages": {}}
     models: dict[str, Path] = {}  # stage -> its downloaded global model
     try:
-        with PocDeployment(out, sites=sites, site_configs=site_configs, env=env, he=he) as poc:
+        with PocDeployment(out, sites=list(sites), site_configs=site_configs, env=env, he=he) as poc:
             poc.start()
-            for base in specs:
+            for base, names in specs:
                 spec = replace(base, start=start_point(base.stage, models))
-                entry = summary["stages"][spec.name] = _run_job(poc, spec, out, timeout)
-                context = poc.kit(sites[0]) / "startup" / "client_context.tenseal" if he else None
+                entry = summary["stages"][spec.name] = _run_job(poc, spec, out, timeout, names if by_dataset else None)
+                entry["sites"] = names
+                context = poc.kit(names[0]) / "startup" / "client_context.tenseal" if he else None
                 models[spec.stage] = _keep_models(spec, entry, out / "models", context)
     finally:
         (out / "poc_summary.json").write_text(json.dumps(summary, indent=2))

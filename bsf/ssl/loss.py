@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
 from monai.losses import ContrastiveLoss
 from torch import Tensor, nn
 
@@ -13,6 +16,11 @@ class SSLLoss(nn.Module):
     positive of view-1 vector i is view-2 vector i (and back), the negatives are the other 2B - 2
     vectors; the denominator runs over all 2B - 1 other vectors. ``monai.losses.ContrastiveLoss``
     computes exactly this, averaged over the 2B vectors.
+
+    ``scored_channels``: the reconstruction's input channels that count (a modality-aware model at a site
+    holding only some of its modalities: the held ones; the absent ones are empty in input and target, and
+    scoring them would reward the decoder for reproducing zeros). The L1 is then the mean over those channels'
+    voxels only. ``None``: every channel.
     """
 
     def __init__(
@@ -21,8 +29,12 @@ class SSLLoss(nn.Module):
         contrastive_weight: float = 1.0,
         reconstruction_weight: float = 1.0,
         temperature: float = 0.5,
+        scored_channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        if scored_channels is not None and not list(scored_channels):
+            raise ValueError("scored_channels must name at least one channel (None: all)")
+        self.scored_channels = None if scored_channels is None else list(scored_channels)
         self.weights = {
             "rotation": rotation_weight,
             "contrastive": contrastive_weight,
@@ -58,7 +70,14 @@ class SSLLoss(nn.Module):
         parts = {
             "rotation": self.rotation_loss(rotation_logits, rotation_labels),
             "contrastive": self.contrastive_loss(contrastive[:half], contrastive[half:]),
-            "reconstruction": self.reconstruction_loss(reconstruction, target),
+            "reconstruction": self._reconstruction(reconstruction, target),
         }
         total = sum(self.weights[name] * value for name, value in parts.items())
         return total, parts
+
+    def _reconstruction(self, reconstruction: Tensor, target: Tensor) -> Tensor:
+        """Mean L1 over the scored channels of ``(2B, C, D, H, W)`` (all when ``scored_channels`` is None)."""
+        if self.scored_channels is None:
+            return self.reconstruction_loss(reconstruction, target)
+        index = torch.tensor(self.scored_channels, device=reconstruction.device)
+        return self.reconstruction_loss(reconstruction.index_select(1, index), target.index_select(1, index))

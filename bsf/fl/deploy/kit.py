@@ -43,18 +43,22 @@ def _read_resources(local: Path) -> dict[str, Any]:
 
 def check_site_config(path: str | os.PathLike, site: str) -> str:
     """Validate a site YAML as the site's client will read it (keys, and values merged into the default run config);
-    returns a one-line summary."""
+    returns a one-line summary, ending with the modalities the site holds (``data.modalities``, default its data
+    set's full set: what it feeds a modality-aware model)."""
+    from bsf.data.transforms import held_modalities
     from bsf.federation.site_config import ENV_SITE_CONFIG, load_with_site, resolve_site
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"site config {path}: no such file")
     site_config = resolve_site(site, workspace=None, environ={ENV_SITE_CONFIG: str(path)})
-    load_with_site(None, site_config)
+    data = load_with_site(None, site_config).data
+    held = f"modalities {', '.join(held_modalities(data))}"
     if site_config.synthesises:
-        return f"{path}: no data root or datalist; the site will SYNTHESISE {site_config.synthetic.subjects} subjects"
+        return (f"{path}: no data root or datalist; the site will SYNTHESISE {site_config.synthetic.subjects} "
+                f"{data.dataset}-like subjects; {held}")
     named = {key: site_config.setting(key) for key in ("data.dataset", "data.root", "data.datalist")}
-    return f"{path}: " + ", ".join(f"{key}={value}" for key, value in named.items() if value is not None)
+    return f"{path}: " + ", ".join(f"{key}={value}" for key, value in named.items() if value is not None) + f"; {held}"
 
 
 def write_client_local(
