@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bsf.bench.cli import add_bench_parser
+from bsf.config import TASKS
 from bsf.console import add_train_arguments, run_guarded
 from bsf.errors import BSFError
 from bsf.experiments.cli import add_experiment_parser
@@ -167,8 +168,12 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> None:
-    from bsf.federation.export import export_global_encoder
+    from bsf.federation.export import export_global_encoder, export_task_model
 
+    if args.task:
+        written = export_task_model(args.model, args.task, args.out, config=args.config, force=args.force)
+        print(f"wrote the {args.task} model {written} (bsf predict / evaluate / bundle export take it)")
+        return
     written = export_global_encoder(args.model, args.out, force=args.force)
     print(f"wrote the encoder checkpoint {written}")
 
@@ -337,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help="checkpoint_best.pt, FL_global_model.pt (or a server run folder / simulator workspace) or any supported layout")
     export.add_argument("--out", required=True, help="encoder checkpoint to write (never the model itself)")
     export.add_argument("--force", action="store_true", help="replace --out when it already exists")
+    export.add_argument("--task", choices=TASKS, default=None,
+                        help="Stage 3 across tasks: write this task's whole model (shared parts + its head) instead of the encoder")
+    export.add_argument("--config", default=None, help="with --task: the job's run config (default: config/bsf_run.yaml beside the model)")
     export.set_defaults(func=cmd_export)
 
     predict = sub.add_parser("predict", help="segment one case with a fine-tuned model: a label map in the input's grid and affine")

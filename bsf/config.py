@@ -208,6 +208,7 @@ Weighting = Literal["steps", "cases", "uniform", "fedcostwavg"]  # the FedAvg we
 Robust = Literal["none", "clip", "trimmed_mean", "median"]  # the server's rule against wild updates (bsf.federation.robust)
 ServerOptimizer = Literal["momentum", "adam"]  # fedopt: the server's optimiser on the aggregated difference
 Encryption = Literal["none", "he"]  # he: the sites encrypt their updates (CKKS); the server sums ciphertexts (bsf.fl.he)
+Task = Literal["brats", "atlas"]  # federation.tasks: a task's data set, one output head each (bsf.federation.task_heads)
 ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
 SCOPES: tuple[str, ...] = typing.get_args(Scope)
 TRANSFERS: tuple[str, ...] = typing.get_args(Transfer)
@@ -216,6 +217,7 @@ WEIGHTINGS: tuple[str, ...] = typing.get_args(Weighting)
 ROBUST_RULES: tuple[str, ...] = typing.get_args(Robust)
 SERVER_OPTIMIZERS: tuple[str, ...] = typing.get_args(ServerOptimizer)
 ENCRYPTIONS: tuple[str, ...] = typing.get_args(Encryption)
+TASKS: tuple[str, ...] = typing.get_args(Task)
 
 
 @dataclass
@@ -258,6 +260,9 @@ class FederationConfig:
     fedopt_beta2: float = 0.99  # Adam's second-moment decay
     fedopt_eps: float = 1e-3  # Adam's tau (adaptivity; Reddi et al. use 1e-3)
     fedcost_alpha: float = 0.5  # weigh_by fedcostwavg: alpha x case share + (1 - alpha) x loss-improvement share
+    # Stage 3 across tasks: the data sets whose sites take part, one output head each, aggregated among that task's
+    # sites only (the rest over all sites; bsf.federation.task_heads). Empty: one task
+    tasks: list[Task] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         checks = [
@@ -274,6 +279,7 @@ class FederationConfig:
                                     ("encryption", ENCRYPTIONS))),
             *self._aggregation_checks(),
             *self._encryption_checks(),
+            *self._task_checks(),
         ]
         for ok, message in checks:
             if not ok:
@@ -309,6 +315,22 @@ class FederationConfig:
             (self.weigh_by != "fedcostwavg" or self.robust in ("none", "clip"),
              f"federation.weigh_by: fedcostwavg weighs the mean, but robust: {self.robust} is unweighted; "
              "use robust: none or clip"),
+        ]
+
+    def _task_checks(self) -> list[tuple[bool, str]]:
+        """(ok, message) of ``tasks``: distinct, the whole network shared, and the rules that know per-task heads."""
+        if not self.tasks:
+            return []
+        return [
+            (all(t in TASKS for t in self.tasks) and len(set(self.tasks)) == len(self.tasks),
+             f"federation.tasks {list(self.tasks)}: distinct names among {', '.join(TASKS)}"),
+            (self.scope == "all", "federation.tasks (one head per task) fine-tunes the whole network; set scope: all"),
+            (self.transfer == "diff", "federation.tasks: a round may update only some tasks' heads; set transfer: diff"),
+            (self.robust == "none" and self.algorithm in ("fedavg", "fedprox") and self.weigh_by != "fedcostwavg"
+             and self.encryption == "none",
+             "federation.tasks works with algorithm fedavg or fedprox, robust: none, weigh_by steps/cases/uniform and "
+             f"no encryption (got algorithm {self.algorithm}, robust {self.robust}, weigh_by {self.weigh_by}, "
+             f"encryption {self.encryption})"),
         ]
 
     def _encryption_checks(self) -> list[tuple[bool, str]]:

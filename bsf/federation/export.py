@@ -1,4 +1,5 @@
-"""Turn a federated global model into an encoder checkpoint for the next stage (``bsf export`` calls this)."""
+"""Turn a federated global model into an encoder checkpoint for the next stage, or (Stage 3 across tasks) into
+one task's ordinary SwinUNETR checkpoint (``bsf export`` calls this)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from bsf.errors import CheckpointError
+from bsf.errors import BSFError, CheckpointError
 from bsf.outputs import check_output_file, reported_write
 
 log = logging.getLogger(__name__)
@@ -55,3 +56,45 @@ def export_global_encoder(global_model_path: str | os.PathLike, out_path: str | 
         written = save_encoder(state, out)
     log.info("exported the encoder of %s to %s", source, written)
     return Path(written)
+
+
+def export_task_model(global_model_path: str | os.PathLike, task: str, out_path: str | os.PathLike, *,
+                      config: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Write one task's model of a global model across tasks (``federation.tasks``) as an ordinary checkpoint.
+
+    The shared tensors plus ``task``'s head as ``out.*`` (:func:`bsf.federation.task_heads.to_local`), with the job's
+    run config for that task (``data.dataset``, ``model.out_channels``; no federation section), as
+    ``{"model": state_dict, "config": ...}``: what ``bsf predict``, ``bsf evaluate`` and ``bsf bundle export`` read.
+
+    Args:
+        global_model_path: as for :func:`export_global_encoder`.
+        task: the task (data set) whose head to take, e.g. ``brats``.
+        out_path: destination, written atomically (never the model itself; existing only with ``force``).
+        config: the job's run config; default the one the server keeps beside the model (``config/bsf_run.yaml``).
+
+    Raises:
+        CheckpointError: no global model, no run config, or the model has no head of ``task`` (names the tasks it has).
+    """
+    from bsf.config import load_config
+    from bsf.federation.run_folders import RUN_CONFIG_FILE
+    from bsf.federation.task_heads import for_task, to_local
+    from bsf.io import atomic_torch_save
+    from bsf.model import build_swin_unetr, import_weights, normalize_checkpoint_keys
+
+    source = find_global_model(global_model_path)
+    config_path = Path(config) if config is not None else source.parent / "config" / RUN_CONFIG_FILE
+    if config is None and not config_path.is_file():
+        raise CheckpointError(f"model {source}: no run config beside it ({config_path}); pass the job's with --config")
+    out = check_output_file(out_path, what=f"{task} model", inputs=[source], force=force)
+    run_config = for_task(load_config(config_path), task)
+    run_config.federation, run_config.model.pretrained = None, None
+    try:
+        state = to_local(normalize_checkpoint_keys(source), task)
+    except BSFError as exc:
+        raise CheckpointError(f"model {source}: {exc}") from None
+    m = run_config.model
+    import_weights(build_swin_unetr(m.size, m.in_channels, m.out_channels), state, scope="all", strict=True)  # it fits
+    with reported_write(out, what=f"{task} model"):
+        atomic_torch_save({"model": state, "config": run_config.to_dict()}, out)
+    log.info("exported the %s model of %s to %s", task, source, out)
+    return out

@@ -2,6 +2,10 @@
 
 This is the one place in ``bsf.fl`` that touches torch modules directly; everything else goes
 through the :class:`bsf.engine.Engine` API.
+
+Stage 3 across tasks (``federation.tasks``): the global model is one seeded build per task (the same shared
+tensors, and the previous stage's encoder adapted alike) merged into the shared tensors plus every task's head
+(:func:`bsf.federation.task_heads.merge_task_models`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import os
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from bsf.federation.task_heads import for_task, merge_task_models, to_local
 
 log = logging.getLogger(__name__)
 
@@ -26,25 +32,45 @@ def build_initial_model(config: Any):
     return build_model(config)
 
 
+def _tasks(config: Any) -> list[str]:
+    """``federation.tasks`` of a run config (empty: one task)."""
+    return list(config.federation.tasks) if getattr(config, "federation", None) is not None else []
+
+
+def _task_config(config: Any, task: str) -> Any:
+    """``config`` for ``task``'s plain model (its data set and head channels), without the federation section."""
+    config = for_task(config, task)
+    config.federation = None
+    return config
+
+
 def initial_weights(config: Any, scope: str = "encoder") -> dict[str, np.ndarray]:
     """The ``scope`` weights an :class:`~bsf.engine.Engine` built from ``config`` starts with.
 
     Bit-identical to ``Engine(config).get_weights(scope)`` (a test checks it), but without
-    loading any data, so the server can create the global model.
+    loading any data, so the server can create the global model. Across tasks: the global model of
+    every task's build (a site's engine starts with its task's part of it).
     """
     from bsf.model import select_weights
 
+    if _tasks(config):
+        return merge_task_models({t: initial_weights(_task_config(config, t), scope) for t in _tasks(config)})
     return _to_numpy(select_weights(build_initial_model(config).state_dict(), scope))
 
 
-def checkpoint_weights(config: Any, path: str, scope: str = "encoder") -> dict[str, np.ndarray]:
+def checkpoint_weights(config: Any, path: Any, scope: str = "encoder") -> dict[str, np.ndarray]:
     """The ``scope`` weights of a checkpoint (any layout ``bsf.model.import_weights`` reads), checked
     strictly against the model ``config`` builds; every unmatched key is reported."""
-    from bsf.model import import_weights, select_weights
+    from bsf.model import import_weights, normalize_checkpoint_keys, select_weights
 
+    if _tasks(config):  # a global model across tasks: each task's part checked against its plain model
+        state = normalize_checkpoint_keys(path)
+        return merge_task_models({t: checkpoint_weights(_task_config(config, t), to_local(state, t), scope)
+                                  for t in _tasks(config)})
     model = build_initial_model(config)
     report = import_weights(model, path, scope=scope, strict=True)
-    log.info("initial global model from %s: %s", path, report.summary().splitlines()[0])
+    log.info("initial global model from %s: %s", path if isinstance(path, (str, os.PathLike)) else "a task's part",
+             report.summary().splitlines()[0])
     return _to_numpy(select_weights(model.state_dict(), scope))
 
 

@@ -10,6 +10,10 @@ What leaves the site (see :meth:`SiteTrainer.train`): the aggregated weights or 
 difference, the step count, the number of training cases, scalar metrics, and with a modality-aware
 model (``model.modalities``) the names of the modalities the site holds. Never images,
 file names or per-case values.
+
+Stage 3 across tasks (``federation.tasks``): the site's engine is a plain SwinUNETR of its task (its data set);
+it loads the global model's shared tensors and its own task's head and sends its head in its task's namespace
+(:mod:`bsf.federation.task_heads`); everything inside the trainer uses the plain names.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from bsf.data.transforms import held_modalities
 from bsf.federation.modality import META_MODALITIES
 from bsf.federation.fedcost import LOSS_AFTER, LOSS_BEFORE
 from bsf.federation.payload import exchanged
+from bsf.federation.task_heads import is_head, site_task, to_global, to_local
 from bsf.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -103,6 +108,8 @@ class SiteTrainer:
         self._round_trip: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         # what a round exchanges: the scope minus constant buffers (bsf.federation.payload)
         self.scope_keys = sorted(exchanged(engine.get_weights(settings.scope)))
+        # federation.tasks: the task whose head this site trains (its data set); None in a one-task job
+        self.task = site_task(settings.tasks, engine.config.data.dataset, f"site {site}") if settings.tasks else None
 
     # ------------------------------------------------------------------ resume
     def maybe_resume(self, current_round: int | None = None) -> bool:
@@ -162,7 +169,13 @@ class SiteTrainer:
             handle.write(json.dumps(entry) + "\n")
 
     # ------------------------------------------------------------------ tasks
-    def _load_global(self, params: Mapping[str, Any], allow_own: bool = False) -> dict[str, np.ndarray]:
+    def _load_global(self, params: Mapping[str, Any], allow_own: bool = False, own_head: bool = False) -> dict[str, np.ndarray]:
+        """Load the global part (``own_head``: a model without this site's task head keeps the site's own)."""
+        if self.task is not None:
+            params = to_local(params, self.task, require_head=not own_head)
+            if own_head:  # a model of another task's site (cross-site evaluation) is read with this site's head
+                own = self.engine.get_weights(self.settings.scope)
+                params = {**{k: v for k, v in own.items() if is_head(k)}, **params}
         received = _as_float32(exchanged(params))  # constant buffers, if a sender still has them, stay as built
         missing = sorted(set(self.scope_keys) - set(received))
         unknown = sorted(set(received) - set(self.scope_keys))
@@ -243,6 +256,8 @@ class SiteTrainer:
         self.rounds_done = current_round
         self._append_log(current_round, metrics, records, time.perf_counter() - started)
         self._save_resume(current_round)
+        if self.task is not None:
+            params = to_global(params, self.task)
         log.info(
             "site %s: round %d done, step %d, loss %s, sending %s of %d tensors (%.2f MB)",
             self.site, current_round, self.engine.step, losses[-1] if losses else None, params_type,
@@ -263,6 +278,9 @@ class SiteTrainer:
     def validate(self, params: Mapping[str, Any] | None) -> dict[str, float]:
         """Metrics of a received model (cross-site evaluation) on this site's validation cases.
 
+        Across tasks: the model's shared tensors with its head of this site's task, or, when it has none (another
+        task's site's model), this site's own head.
+
         The site's own weights are restored afterwards, so training is unaffected.
         """
         self.maybe_resume(None)
@@ -270,7 +288,7 @@ class SiteTrainer:
             return {k: float(v) for k, v in self.engine.validate().items()}
         backup = self.engine.get_weights(self.settings.scope)
         try:
-            self._load_global(params)
+            self._load_global(params, own_head=True)
             return {k: float(v) for k, v in self.engine.validate().items()}
         finally:
             self.engine.set_weights(backup)
@@ -278,4 +296,5 @@ class SiteTrainer:
     def local_model(self) -> dict[str, np.ndarray]:
         """The site's current aggregated part, as a round exchanges it (served to cross-site evaluation)."""
         self.maybe_resume(None)
-        return exchanged(self.engine.get_weights(self.settings.scope))
+        weights = exchanged(self.engine.get_weights(self.settings.scope))
+        return weights if self.task is None else to_global(weights, self.task)

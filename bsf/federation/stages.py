@@ -7,6 +7,7 @@
       +-- stage2_atlas (ssl, atlas: t1)                   -- stage3_atlas (finetune, atlas)
       +-- stage2_all (ssl, ukb + brats + atlas: t1, t1ce, t2, flair; each site its own)
             feeds stage3_brats and stage3_atlas too (each prefers its own data set's Stage 2)
+            +-- stage3_all (finetune, brats + atlas: shared body, one output head per task)
 
 Every driver (the simulator chain, the POC runner, the one-site federation of the experiments, resume)
 orders the stages with :func:`plan` and finds the model a stage starts from with :func:`start_point`:
@@ -67,6 +68,7 @@ STAGES: dict[str, Stage] = {
         Stage("stage2_all", "ssl", ("ukb", "brats", "atlas"), MODALITY_ORDER, ("stage1",)),
         Stage("stage3_brats", "finetune", ("brats",), BRATS_MODALITIES, ("stage2_brats", "stage2_all")),
         Stage("stage3_atlas", "finetune", ("atlas",), ("t1",), ("stage2_atlas", "stage2_all")),
+        Stage("stage3_all", "finetune", ("brats", "atlas"), MODALITY_ORDER, ("stage2_all",)),
     )
 }
 

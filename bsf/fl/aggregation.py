@@ -29,6 +29,10 @@ bound, and whose update was clipped by which factor.
 A modality-aware model (``model.modalities``, :mod:`bsf.federation.modality`): the first layer's filters of
 each modality are averaged over the sites whose result meta ``modalities`` names it (a malformed claim is
 rejected; no claim counts as every modality); the round meta's ``modalities`` entry lists each site's.
+
+Stage 3 across tasks (``federation.tasks``, :mod:`bsf.federation.task_heads`): an update must hold every shared
+key and exactly one task's head (else it is rejected, naming the keys); each key is averaged over the sites that
+sent it, so a task's head over that task's sites only; the round's metrics also come per task (``brats/val_dice_mean``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from bsf.errors import ConfigError
 from bsf.federation.modality import ModalityAggregation, ModalityMetaError
 from bsf.federation.fedcost import cost_ratio, fedcost_weights
 from bsf.federation.robust import RobustRule, robust_aggregate
+from bsf.federation.task_heads import KeyedMean, update_task
 from bsf.fl.scaffold import CONTROL_DIFF
 
 log = logging.getLogger(__name__)
@@ -236,12 +241,13 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
             (a bad one rejects the result) and the accepted ones are averaged with the update's weight and rule
             into the round meta's ``scaffold_c_diff``.
         fedcost_alpha: ``weigh_by: fedcostwavg``'s alpha (:mod:`bsf.federation.fedcost`).
+        tasks: ``federation.tasks``: one head per task, each averaged over its task's sites (see the module docstring).
     """
 
     def __init__(self, weigh_by: str = "steps", min_accepted: int = 1, expected_steps: int | None = None,
                  max_cases: int = MAX_CLAIM, robust: str = "none", clip_bound: float = 0.0, clip_multiple: float = 0.0,
                  trim_fraction: float = 0.2, modalities: Sequence[str] = (), scaffold: bool = False,
-                 fedcost_alpha: float = 0.5):
+                 fedcost_alpha: float = 0.5, tasks: Sequence[str] = ()):
         super().__init__()
         if weigh_by not in WEIGHTINGS:
             raise ConfigError(f"weigh_by must be one of {WEIGHTINGS}, got {weigh_by!r}")
@@ -267,7 +273,12 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         self._controls: list[tuple[str, dict[str, np.ndarray], float]] = []  # SCAFFOLD: the round's control changes
         self._ratios: dict[str, float] = {}  # fedcostwavg: each accepted site's loss improvement
         self._updates: list[tuple[str, dict[str, np.ndarray], float]] = []  # the round's updates (robust rules)
-        self._mean = WeightedMean()
+        self.tasks = tuple(tasks)
+        if self.tasks and (self.keeps_updates or scaffold):
+            raise ConfigError("per-task heads (federation.tasks) work with the weighted mean only: no robust rule, "
+                              "fedcostwavg or SCAFFOLD")
+        self._mean = KeyedMean() if self.tasks else WeightedMean()
+        self._task_metrics: dict[str, WeightedMean] = {}  # tasks: each task's sites' metrics
         self._params_type = None
         self._rejected: list[tuple[str, str]] = []
         self._notes: dict[str, str] = {}
@@ -280,7 +291,8 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         """The aggregator of a job's (validated) federation section and its model's ``model.modalities``."""
         return cls(weigh_by=fed.weigh_by, min_accepted=fed.min_clients, expected_steps=fed.local_steps, robust=fed.robust,
                    clip_bound=fed.clip_bound, clip_multiple=fed.clip_multiple, trim_fraction=fed.trim_fraction,
-                   modalities=modalities, scaffold=fed.algorithm == "scaffold", fedcost_alpha=fed.fedcost_alpha)
+                   modalities=modalities, scaffold=fed.algorithm == "scaffold", fedcost_alpha=fed.fedcost_alpha,
+                   tasks=fed.tasks)
 
     @property
     def max_weight(self) -> float:
@@ -320,6 +332,7 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         self._first_update = None
         self._controls = []
         self._ratios = {}
+        self._task_metrics = {}
         if self.by_modality is not None:
             self.by_modality.reset()
 
@@ -335,7 +348,13 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
             return self.reject(site, f"params type {params_type} differs from this round's {self._params_type}")
         if self.rule is not None and params_type != ParamsType.DIFF:
             return self.reject(site, f"robust rule {self.rule.rule} needs weight differences, got {params_type}")
-        problems = check_update(model.params, self._reference)
+        reference, task = self._reference, None
+        if self.tasks:  # the shared keys and one task's head: checked against those keys of the global model
+            task, problems = update_task(model.params or {}, reference)
+            if problems:
+                return self.reject(site, "; ".join(problems))
+            reference = {k: v for k, v in reference.items() if k in model.params}
+        problems = check_update(model.params, reference)
         if problems:
             return self.reject(site, "; ".join(problems))
         controls = meta.get(CONTROL_DIFF)
@@ -367,6 +386,8 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         numeric = {k: float(v) for k, v in (model.metrics or {}).items() if _is_real(v) and math.isfinite(float(v))}
         if numeric:
             self._metrics.add(numeric, weight, site)
+            if task is not None:
+                self._task_metrics.setdefault(task, WeightedMean()).add(numeric, weight, site)
         log.info("accepted the update from site %s (weight %s, %s)", site, weight, params_type)
         return True
 
@@ -425,6 +446,8 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
             if rejected:
                 log.warning("aggregated %d update(s) without the rejected site(s) %s", len(accepted), rejected)
         metrics = {k: float(v) for k, v in self._metrics.result().items()}
+        for task, mean in sorted(self._task_metrics.items()):  # each task's metrics over its own sites
+            metrics.update({f"{task}/{k}": float(v) for k, v in mean.result().items()})
         result.metrics = metrics or None
         self.reset_stats()
         return result

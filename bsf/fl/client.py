@@ -27,6 +27,7 @@ from bsf.federation.preflight import PreflightError, run_preflight
 from bsf.federation.run_folders import RUN_CONFIG_FILE
 from bsf.federation.site_config import load_with_site, prepare_site_data, resolve_site
 from bsf.federation.site_trainer import SiteTrainer
+from bsf.federation.task_heads import site_task, task_settings
 from bsf.fl.objectives import local_objective
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,19 @@ def site_run_config(site: str, paths: SitePaths) -> RunConfig:
     """The job's run config with this site's configuration merged in before validation; ``federation`` is required.
 
     The previous stage's model (Stage 2/3) is loaded and channel-adapted once, on the server, and arrives
-    as the round-0 global model: a site never needs (or reads) that file itself.
+    as the round-0 global model: a site never needs (or reads) that file itself. Across tasks
+    (``federation.tasks``) the site's model is its task's (``model.out_channels`` from its data set).
     """
     run_config = paths.app_config / RUN_CONFIG_FILE
     site_config = resolve_site(site, paths.workspace)
     log.info("site %s: site configuration from %s", site, site_config.source)
-    dataset = load_with_site(run_config, site_config).data.dataset
+    first = load_with_site(run_config, site_config)
+    dataset = first.data.dataset
+    tasks = first.federation.tasks if first.federation is not None else []
+    task = task_settings(site_task(tasks, dataset, f"site {site}")) if tasks else {}
     site_config = prepare_site_data(site_config, dataset, paths.workspace)
     state_dir = paths.job / SITE_STATE_FOLDER
-    config = load_with_site(run_config, site_config, {"train.output_dir": str(state_dir), "model.pretrained": None})
+    config = load_with_site(run_config, site_config, {"train.output_dir": str(state_dir), "model.pretrained": None, **task})
     if config.federation is None:
         raise ConfigError(f"{run_config}: no federation section; export the job with `bsf jobs export`")
     return config

@@ -102,9 +102,12 @@ class JobSpec:
 
 
 def stage_job(stage: str) -> JobSpec:
-    """The committed job of a stage of the graph: its ``*_test`` preset, aggregating the stage's part."""
+    """The committed job of a stage of the graph: its ``*_test`` preset, aggregating the stage's part; fine-tuning
+    across data sets with one output head per data set (``federation.tasks``, :mod:`bsf.federation.task_heads`)."""
+    graph = get_stage(stage)
+    tasks = list(graph.datasets) if graph.kind == "finetune" and graph.across_datasets else []
     return JobSpec(
-        name=stage, stage=stage, run_config=f"{stage}_test", federation=FederationConfig(scope=get_stage(stage).aggregates)
+        name=stage, stage=stage, run_config=f"{stage}_test", federation=FederationConfig(scope=graph.aggregates, tasks=tasks)
     )
 
 

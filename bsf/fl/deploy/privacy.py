@@ -11,7 +11,9 @@ The allow-list (everything else is refused, naming the field):
 * **the shareable**: exactly ``__headers__`` and ``DXO``; the DXO exactly ``kind``, ``data``, ``meta``;
   the kind ``WEIGHTS`` or ``WEIGHT_DIFF`` (a train or submit_model task) or ``METRICS`` (validate);
 * **weights**: each key a tensor of the job's model (the state dict its run config builds) with that
-  key's shape; each value a ``numpy.ndarray`` (no subclass) of float16, float32 or float64 (no int,
+  key's shape (Stage 3 across tasks, ``federation.tasks``: the shared tensors and this site's own task's head in
+  its namespace, ``task.<data set>.out.*``, the task from the site's configuration as the site reads it; another
+  task's head is refused); each value a ``numpy.ndarray`` (no subclass) of float16, float32 or float64 (no int,
   bool, complex, object, wider float), every value finite (a NaN's payload bits could carry data);
 * **metrics** (the data of ``METRICS``, or meta ``initial_metrics``): names from :data:`SITE_METRICS`
   only, values Python ``float`` or NumPy floating of at most 64 bits, finite (no int, bool, Fraction,
@@ -437,13 +439,28 @@ def check_encrypted_claim(kind: Any, meta: Mapping[str, Any] | None, local_steps
     return []
 
 
-def model_shapes_from_run_config(run_config: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of every tensor of the model a job's run config builds (no data needed)."""
+def model_shapes_from_run_config(run_config: str | os.PathLike, site: str = "", workspace: str | os.PathLike | None = None
+                                 ) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor of the model a job's run config builds (no data needed).
+
+    Across tasks (``federation.tasks``): the tensors ``site`` may send, the shared ones and its own task's head
+    named as the global model names them; its task is its data set in its site configuration (found from its
+    ``workspace`` as the site itself finds it, :func:`bsf.federation.site_config.resolve_site`).
+    """
     from bsf.engine import load_config
     from bsf.federation.initial_model import build_initial_model
+    from bsf.federation.site_config import load_with_site, resolve_site
+    from bsf.federation.task_heads import for_task, site_task, to_global
 
-    model = build_initial_model(load_config(run_config))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    config = load_config(run_config)
+    tasks = config.federation.tasks if config.federation is not None else []
+    task = None
+    if tasks:
+        dataset = load_with_site(run_config, resolve_site(site, workspace)).data.dataset
+        task = site_task(tasks, dataset, f"site {site}")
+        config = for_task(config, task)
+    shapes = {k: tuple(v.shape) for k, v in build_initial_model(config).state_dict().items()}
+    return shapes if task is None else to_global(shapes, task)
 
 
 def _encrypted_local_steps(run_config: str | os.PathLike) -> int | None:
@@ -491,7 +508,9 @@ class ResultGuard(Filter):  # type: ignore[misc,valid-type]
         if job_id not in self._shapes:
             app_root = fl_ctx.get_prop(FLContextKey.APP_ROOT) or ""
             path = Path(app_root) / "config" / self.run_config
-            self._shapes[job_id] = model_shapes_from_run_config(path) if path.is_file() else None
+            site_workspace = Path(app_root).parent.parent  # <workspace>/<job>/app_<site>, as the site finds it
+            self._shapes[job_id] = (model_shapes_from_run_config(path, fl_ctx.get_identity_name(), site_workspace)
+                                    if path.is_file() else None)
             self._encrypted_steps[job_id] = _encrypted_local_steps(path) if path.is_file() else None
             self._scaffold[job_id] = path.is_file() and _is_scaffold(path)
             if self._shapes[job_id] is None:
