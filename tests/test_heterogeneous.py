@@ -175,3 +175,59 @@ def test_the_poc_runner_deploys_each_stage_to_the_sites_of_its_data_sets(monkeyp
     assert summary["stages"]["stage3_atlas"]["started_from"]["stage"] == "stage2_all"
     with pytest.raises(BSFError, match="stage2_atlas runs at atlas sites and there are none"):
         run.run_poc(tmp_path / "again", stages=["stage1", "stage2_atlas"], sites=site_option("ukb=1,brats=1"))
+
+
+# ---------------------------------------------------------------------------- stage2_all in the NVFlare simulator
+def _with_result_guard(export_job):
+    """``export_job`` that also puts the sites' result guard (``privacy.json``'s last filter) on every result."""
+    from bsf.fl.deploy.policies import GUARD_PATH
+
+    def export(spec, out_root):
+        job = export_job(spec, out_root)
+        client = job / "app" / "config" / "config_fed_client.json"
+        config = json.loads(client.read_text())
+        tasks = ["train", "validate", "submit_model"]  # a job's filter table is keyed by task name (no wildcard)
+        config["task_result_filters"] = [{"tasks": tasks, "filters": [{"path": GUARD_PATH, "args": {}}]}]
+        client.write_text(json.dumps(config, indent=4))
+        return job
+
+    return export
+
+
+@pytest.mark.slow
+def test_stage2_all_in_the_simulator_with_ukb_brats_and_atlas_sites(tmp_path, monkeypatch):
+    """1 UKB-, 2 BraTS- and 1 ATLAS-like site, one round of one step from a Stage-1-like model: the job completes,
+    its global encoder has the union's 4 channels and moved, every site's results passed its result guard, and each
+    site claimed exactly the modalities it holds (its update's meta, the server's round record)."""
+    import bsf.pipeline.chain as chain
+    from bsf.federation.initial_model import load_global_model
+    from bsf.model import SSLModel
+
+    torch.manual_seed(5)
+    stage1 = tmp_path / "stage1.pt"
+    torch.save({"model": {k: v for k, v in SSLModel("test", 2).state_dict().items() if k.startswith("swinViT.")}}, stage1)
+    monkeypatch.setattr(chain, "export_job", _with_result_guard(chain.export_job))
+    cfg = chain.ChainConfig.tiny(tmp_path / "out", sites={"ukb": 1, "brats": 2, "atlas": 1}, stage_names=("stage2_all",),
+                                 stage1_model=str(stage1), subjects=2)
+    summary = chain.run_chain(cfg)
+    result = summary["stages"]["stage2_all"]
+    sites = ["ukb-1", "brats-1", "brats-2", "atlas-1"]
+    assert result["sites"] == sites and result["previous_stage"] == "stage1"
+    model = load_global_model(result["global_model"])
+    assert model[EMBED].shape[1] == 4 and all(np.isfinite(v).all() for v in model.values())
+    assert result["change_from_initial"] > 1e-7  # it trained: not the adapted Stage 1 model
+
+    record = run_folders.read_rounds(result["run_dir"])[-1]
+    assert sorted(record["accepted_sites"]) == sorted(sites) and not record["rejected_sites"]
+    held = {site: HELD[site.split("-")[0]] for site in sites}
+    assert record["modalities"]["sites"] == held
+    audits = {}
+    for path in (cfg.out / "ws" / "stage2_all").rglob("bsf_privacy_audit.jsonl"):
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            audits.setdefault(entry["site"], []).append(entry)
+    assert sorted(audits) == sorted(sites)
+    for site, entries in audits.items():
+        assert entries and all(e["allowed"] for e in entries), (site, [e.get("problems") for e in entries])
+        train = [e for e in entries if e["task"] == "train"]
+        assert train and all(sorted(e["meta"]["modalities"]) == sorted(held[site]) for e in train), site  # file order

@@ -238,7 +238,7 @@ class CheckedFedAvg(FedAvg):
             "late_results": list(self._late),
         }
         self._late = []
-        for key in ("robust", "fedopt", "scaffold", "fedcostwavg"):
+        for key in ("robust", "fedopt", "scaffold", "fedcostwavg", "modalities"):
             if key in meta:
                 record[key] = meta[key]
         if kept:
