@@ -131,8 +131,10 @@ def tear_down(topo: Topology) -> None:
 def link_counters(ns: str, dev: str) -> dict[str, int]:
     """``ip -s link`` of ``dev`` in ``ns``: bytes and packets each way, and the qdisc's drops."""
     stats = json.loads(_sh("ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev))[0]["stats64"]
+    qdisc = json.loads(_sh("ip", "netns", "exec", ns, "tc", "-s", "-j", "qdisc", "show", "dev", dev))[0]
     return {"rx_bytes": stats["rx"]["bytes"], "tx_bytes": stats["tx"]["bytes"],
-            "rx_packets": stats["rx"]["packets"], "tx_packets": stats["tx"]["packets"]}
+            "rx_packets": stats["rx"]["packets"], "tx_packets": stats["tx"]["packets"],
+            "tbf_drops": qdisc.get("drops", 0)}
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -380,7 +382,8 @@ def main(argv=None) -> int:
     print(plan_text(result["plan"]))
     print(table(result))
     print("site-side ip -s link (whole run): " + ", ".join(
-        f"{s} down {c['rx_bytes'] / 1e6:.1f} MB up {c['tx_bytes'] / 1e6:.1f} MB" for s, c in wire.items()))
+        f"{s} down {c['rx_bytes'] / 1e6:.1f} MB up {c['tx_bytes'] / 1e6:.1f} MB, {c['tbf_drops']} packets dropped "
+        "by its upload shaper" for s, c in wire.items()))
     return 0 if result["status"] == "FINISHED:COMPLETED" else 1
 
 
