@@ -221,6 +221,8 @@ def test_stage2_all_in_the_simulator_with_ukb_brats_and_atlas_sites(tmp_path, mo
     assert sorted(record["accepted_sites"]) == sorted(sites) and not record["rejected_sites"]
     held = {site: HELD[site.split("-")[0]] for site in sites}
     assert record["modalities"]["sites"] == held
+    report = Path(summary["report"]["markdown"]).read_text()
+    assert "atlas-1 t1; brats-1 t1, t1ce, t2, flair; brats-2 t1, t1ce, t2, flair; ukb-1 t1, flair" in report
     audits = {}
     for path in (cfg.out / "ws" / "stage2_all").rglob("bsf_privacy_audit.jsonl"):
         for line in path.read_text().splitlines():

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from bsf.evaluate import predict_validation_case  # noqa: E402
-from bsf.federation.run_folders import METRICS_FILE, RUN_CONFIG_FILE  # noqa: E402
+from bsf.federation.run_folders import METRICS_FILE, RUN_CONFIG_FILE, read_rounds  # noqa: E402
 from bsf.io import atomic_path  # noqa: E402
 from bsf.federation.stages import get_stage  # noqa: E402
 
@@ -195,6 +195,12 @@ def write_report(cfg: Any, summary: dict[str, Any]) -> dict[str, Path]:
             f"| {job} | {', '.join(r['sites'])} | {r['rounds']} x {r['local_steps']} | {r['scope']} | {previous} "
             f"| {r['change_from_initial']:.3g} | {r['seconds']:.0f} |"
         )
+    for job, r in stages.items():  # a modality-aware stage: what each site fed (the server's last round record)
+        records = read_rounds(r["run_dir"])
+        held = records[-1].get("modalities", {}).get("sites") if records else None
+        if held:
+            lines += ["", f"{job}: the modalities each site held (each modality's first-layer filters averaged over its "
+                      "sites): " + "; ".join(f"{site} {', '.join(names)}" for site, names in sorted(held.items()))]
     lines += ["", "Global models: " + ", ".join(f"`{Path(p).name}`" for p in summary["models"].values()) + f" in `{cfg.out / 'models'}`.", ""]
     lines += ["## Training loss per stage", "", "![loss curves](loss_curves.png)", ""]
     if stage3:
