@@ -47,11 +47,14 @@ def cmd_model_info(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------- data
 def cmd_data_synth(args: argparse.Namespace) -> None:
-    from bsf.data.synth import synthesize
+    from bsf.config import parse_override
+    from bsf.data.synth import ScannerProfile, synthesize
 
+    scanner = ScannerProfile.from_mapping(dict(parse_override(item) for item in args.scanner))
     out = _output_folder(args.out)
-    folders = synthesize(args.dataset, args.subjects, out, spacing=args.spacing, seed=args.seed, progress=True)
-    print(f"wrote {len(folders)} {args.dataset} subject(s) to {out} (spacing {args.spacing} mm, seed {args.seed})")
+    folders = synthesize(args.dataset, args.subjects, out, spacing=args.spacing, seed=args.seed, progress=True,
+                         scanner=scanner)
+    print(f"wrote {len(folders)} {args.dataset} subject(s) to {out} (spacing {args.spacing} mm, seed {args.seed}, {scanner})")
 
 
 def cmd_data_index(args: argparse.Namespace) -> None:
@@ -285,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True)
     synth.add_argument("--spacing", type=float, default=1.0, help="voxel size in mm (3 makes small CPU-friendly volumes)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--scanner", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="a site's scanner look (bsf.data.synth.ScannerProfile), e.g. intensity_scale=1.5 "
+                            "bias_strength=0.3 noise=2 resolution=6")
     synth.set_defaults(func=cmd_data_synth)
 
     index = data.add_parser("index", help="find a data set's cases in its distributed layout and write a datalist JSON")

@@ -5,18 +5,25 @@ directly onto the data set's output grid, rendered per contrast from tissue inte
 where the data set has them, a smooth multiplicative bias field, a random global intensity scale and
 Rician noise, and zero outside the brain (skull-stripped). Subject ``i`` uses
 ``numpy.random.default_rng([seed, i])``, so the same seed gives identical data.
+
+A :class:`ScannerProfile` makes one site's images look like another scanner's (intensity scale, bias-field
+strength, noise level, resolution); its defaults give the usual output bit for bit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 from tqdm import tqdm
 
 from bsf.data.anatomy import Anatomy, Grid, bias_field, load_template, rician_noise, sample_anatomy
@@ -50,6 +57,73 @@ TUMOUR_INTENSITY: Mapping[str, Mapping[int, float]] = {
 STROKE_T1_INTENSITY: Mapping[int, float] = {1: 0.35}
 
 _BASE_INTENSITY = 1000.0
+_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+@dataclass(frozen=True)
+class ScannerProfile:
+    """How one site's scanner renders its images; the defaults are the synthesiser's usual output, bit for bit.
+
+    Attributes:
+        intensity_scale: multiplies every image (signal and noise alike, so the SNR stays), on top of each
+            image's own random scale (0.7..1.3 x 1000). In (0, 100].
+        bias_strength: RMS of the log of the smooth multiplicative bias field (0: no bias field). In [0, 1].
+        noise: multiplies the Rician noise's std (each image draws 1..3 % of its scale); 0: noise-free. In [0, 10].
+        resolution: FWHM in mm of the scanner's (Gaussian) point-spread function, or ``None`` for the output
+            grid's own. When coarser than the output spacing ``s``, the noiseless image is blurred by a Gaussian
+            of FWHM ``sqrt(resolution**2 - s**2)`` mm before the noise is added (an image acquired coarser and
+            resampled: partial volume at tissue and tumour edges, noise still at the output grid). In [0.5, 20].
+
+    Raises:
+        ConfigError: a value of the wrong type or out of range, naming ``scanner.<key>``.
+    """
+
+    intensity_scale: float = 1.0
+    bias_strength: float = 0.15
+    noise: float = 1.0
+    resolution: float | None = None
+
+    def __post_init__(self) -> None:
+        ranges = {"intensity_scale": (0.0, 100.0, False), "bias_strength": (0.0, 1.0, True),
+                  "noise": (0.0, 10.0, True), "resolution": (0.5, 20.0, True)}
+        for key, (low, high, low_ok) in ranges.items():
+            value = getattr(self, key)
+            if key == "resolution" and value is None:
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not (number and (low <= value if low_ok else low < value) and value <= high):
+                bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}]"
+                extra = " or null" if key == "resolution" else ""
+                raise ConfigError(f"scanner.{key} must be a number in {bounds}{extra}, got {value!r}")
+            object.__setattr__(self, key, float(value))
+
+    @classmethod
+    def from_mapping(cls, raw: Any) -> "ScannerProfile":
+        """A profile from a mapping of its keys (a site config's ``synthetic.scanner``; ``None``: the default).
+
+        Raises:
+            ConfigError: not a mapping, an unknown key (named, with the known ones), or a bad value.
+        """
+        if raw is None:
+            return cls()
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"scanner must be a mapping of {', '.join(names)}, got {raw!r}")
+        unknown = sorted(str(k) for k in raw if k not in names)
+        if unknown:
+            raise ConfigError(f"scanner.{unknown[0]} is not a scanner setting; choose from {', '.join(names)}")
+        return cls(**raw)
+
+    @property
+    def tag(self) -> str:
+        """A short name for folder names: ``""`` for the default profile, else e.g. ``"-scan-i1.5-b0.3-n2-r6"``."""
+        if self == ScannerProfile():
+            return ""
+        resolution = "" if self.resolution is None else f"-r{self.resolution:g}"
+        return f"-scan-i{self.intensity_scale:g}-b{self.bias_strength:g}-n{self.noise:g}{resolution}"
+
+
+DEFAULT_SCANNER = ScannerProfile()
 _MAX_SUBJECTS = {"ukb": 8_999_999, "brats": 100_000, "atlas": 999 * 999}
 
 UKB_GRID = Grid(
@@ -81,11 +155,14 @@ def render(
     rng: np.random.Generator,
     labels: np.ndarray | None = None,
     lesion_intensity: Mapping[int, float] | None = None,
+    scanner: ScannerProfile = DEFAULT_SCANNER,
+    spacing: float = 1.0,
 ) -> np.ndarray:
-    """One image (float32, non-negative, 0 outside the brain) of ``anatomy`` in ``contrast``.
+    """One image (float32, non-negative, 0 outside the brain; the shape of ``anatomy.brain``) of ``anatomy`` in ``contrast``.
 
     Tissue intensities are jittered by up to 7 %; voxels with a label in ``lesion_intensity`` take that
-    label's intensity instead. Then a bias field, a random global scale and Rician noise are applied.
+    label's intensity instead. Then a bias field, a random global scale, the scanner's blur (``spacing``: the
+    grid's voxel size in mm) and Rician noise are applied, as ``scanner`` sets them.
     """
     jitter = rng.uniform(0.93, 1.07, size=3)
     image = (
@@ -95,11 +172,21 @@ def render(
     )
     for label, value in (lesion_intensity or {}).items():
         image[labels == label] = value * rng.uniform(0.93, 1.07)
-    scale = _BASE_INTENSITY * rng.uniform(0.7, 1.3)
-    image *= bias_field(rng, anatomy.brain.shape) * np.float32(scale)
-    image = rician_noise(image, rng, sigma=scale * rng.uniform(0.01, 0.03))
+    scale = _BASE_INTENSITY * rng.uniform(0.7, 1.3) * scanner.intensity_scale
+    image *= bias_field(rng, anatomy.brain.shape, scanner.bias_strength) * np.float32(scale)
+    image = blur_to_resolution(image, spacing, scanner.resolution)
+    image = rician_noise(image, rng, sigma=scale * rng.uniform(0.01, 0.03) * scanner.noise)
     image[~anatomy.brain] = 0.0
     return image.astype(np.float32, copy=False)
+
+
+def blur_to_resolution(image: np.ndarray, spacing: float, resolution: float | None) -> np.ndarray:
+    """``image`` (3D, ``spacing`` mm voxels) seen at ``resolution`` mm FWHM: a Gaussian blur of FWHM
+    ``sqrt(resolution**2 - spacing**2)`` mm; unchanged (the same array) when ``resolution`` is ``None`` or <= ``spacing``."""
+    if resolution is None or resolution <= spacing:
+        return image
+    sigma_voxels = math.sqrt(resolution**2 - spacing**2) / _FWHM_PER_SIGMA / spacing
+    return ndimage.gaussian_filter(image, sigma_voxels, mode="nearest").astype(np.float32, copy=False)
 
 
 def write_nifti(data: np.ndarray, grid: Grid, path: Path, space: str) -> None:
@@ -115,31 +202,32 @@ def write_nifti(data: np.ndarray, grid: Grid, path: Path, space: str) -> None:
         stream.write(image.to_bytes())
 
 
-def _write_ukb(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path) -> Path:
+def _write_ukb(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path, scanner: ScannerProfile) -> Path:
     """``<id>_20252_2_0/T1/T1_brain_to_MNI.nii.gz`` and ``<id>_20253_2_0/T2_FLAIR/...``; returns the T1 folder."""
     anatomy = sample_anatomy(grid, rng)
     eid = 1_000_000 + index
     t1_dir = out_dir / f"{eid}_20252_2_0"
-    write_nifti(render(anatomy, T1, rng), grid, t1_dir / "T1" / "T1_brain_to_MNI.nii.gz", "mni")
+    look = {"scanner": scanner, "spacing": grid.spacing}
+    write_nifti(render(anatomy, T1, rng, **look), grid, t1_dir / "T1" / "T1_brain_to_MNI.nii.gz", "mni")
     flair_path = out_dir / f"{eid}_20253_2_0" / "T2_FLAIR" / "T2_FLAIR_brain_to_MNI.nii.gz"
-    write_nifti(render(anatomy, FLAIR, rng), grid, flair_path, "mni")
+    write_nifti(render(anatomy, FLAIR, rng, **look), grid, flair_path, "mni")
     return t1_dir
 
 
-def _write_brats(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path) -> Path:
+def _write_brats(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path, scanner: ScannerProfile) -> Path:
     """``BraTS2021_<5 digits>/BraTS2021_<5 digits>_{flair,t1ce,t1,t2,seg}.nii.gz``; returns the case folder."""
     anatomy = sample_anatomy(grid, rng)
     labels = tumour_labels(anatomy, grid.spacing, rng)
     case = f"BraTS2021_{index:05d}"
     case_dir = out_dir / case
     for modality, contrast in BRATS_CONTRASTS.items():
-        image = render(anatomy, contrast, rng, labels, TUMOUR_INTENSITY[modality])
+        image = render(anatomy, contrast, rng, labels, TUMOUR_INTENSITY[modality], scanner, grid.spacing)
         write_nifti(image, grid, case_dir / f"{case}_{modality}.nii.gz", "scanner")
     write_nifti(labels, grid, case_dir / f"{case}_seg.nii.gz", "scanner")
     return case_dir
 
 
-def _write_atlas(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path) -> Path:
+def _write_atlas(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path, scanner: ScannerProfile) -> Path:
     """``ATLAS_2/Training/R<site>/sub-r<site>s<3 digits>/ses-1/anat/...`` (999 subjects per site)."""
     site, number = index // 999 + 1, index % 999 + 1
     subject = f"sub-r{site:03d}s{number:03d}"
@@ -147,12 +235,13 @@ def _write_atlas(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path
     prefix = subject_dir / "ses-1" / "anat" / f"{subject}_ses-1_space-MNI152NLin2009aSym"
     anatomy = sample_anatomy(grid, rng)
     lesion = stroke_mask(anatomy, grid, rng)
-    write_nifti(render(anatomy, T1, rng, lesion, STROKE_T1_INTENSITY), grid, Path(f"{prefix}_T1w.nii.gz"), "mni")
+    image = render(anatomy, T1, rng, lesion, STROKE_T1_INTENSITY, scanner, grid.spacing)
+    write_nifti(image, grid, Path(f"{prefix}_T1w.nii.gz"), "mni")
     write_nifti(lesion, grid, Path(f"{prefix}_label-L_desc-T1lesion_mask.nii.gz"), "mni")
     return subject_dir
 
 
-_WRITERS: Mapping[str, Callable[[int, Grid, np.random.Generator, Path], Path]] = {
+_WRITERS: Mapping[str, Callable[[int, Grid, np.random.Generator, Path, ScannerProfile], Path]] = {
     "ukb": _write_ukb,
     "brats": _write_brats,
     "atlas": _write_atlas,
@@ -167,11 +256,13 @@ def synthesize(
     spacing: float = 1.0,
     seed: int = 0,
     progress: bool = False,
+    scanner: ScannerProfile = DEFAULT_SCANNER,
 ) -> list[Path]:
     """Write ``n_subjects`` synthetic subjects of ``dataset`` ("ukb", "brats" or "atlas") under ``out_dir``.
 
-    Volumes have isotropic ``spacing`` mm voxels over the data set's usual field of view. Returns one
-    folder per subject (for UKB the ``<id>_20252_2_0`` folder; its FLAIR lives in ``<id>_20253_2_0``).
+    Volumes have isotropic ``spacing`` mm voxels over the data set's usual field of view, rendered as
+    ``scanner`` sets (the default: the usual output). Returns one folder per subject (for UKB the
+    ``<id>_20252_2_0`` folder; its FLAIR lives in ``<id>_20253_2_0``).
     """
     out_dir = Path(out_dir)
     if dataset not in _WRITERS:
@@ -180,12 +271,15 @@ def synthesize(
         raise ConfigError(f"n_subjects must be in 0..{_MAX_SUBJECTS[dataset]} for {dataset}, got {n_subjects}")
     if not 0.5 <= spacing <= 8.0:
         raise ConfigError(f"spacing must be between 0.5 and 8 mm, got {spacing}")
+    if not isinstance(scanner, ScannerProfile):
+        raise ConfigError(f"scanner must be a ScannerProfile, got {type(scanner).__name__}")
     grid = output_grid(dataset, spacing)
     written = [
-        _WRITERS[dataset](index, grid, np.random.default_rng([seed, index]), out_dir)
+        _WRITERS[dataset](index, grid, np.random.default_rng([seed, index]), out_dir, scanner)
         for index in tqdm(range(n_subjects), desc=f"synthesize {dataset}", unit="subject", disable=not progress)
     ]
     logger.info(
-        "wrote %d synthetic %s subjects (%g mm, grid %s) under %s", n_subjects, dataset, spacing, grid.shape, out_dir
+        "wrote %d synthetic %s subjects (%g mm, grid %s, scanner %s) under %s",
+        n_subjects, dataset, spacing, grid.shape, scanner, out_dir,
     )
     return written

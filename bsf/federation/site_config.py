@@ -13,6 +13,7 @@ sections merged into the job's run config, plus an optional synthetic-data reque
     synthetic:                 # used only when neither data.root nor data.datalist is set
       subjects: 4
       spacing: 3.0
+      scanner: {noise: 2.0}    # optional: a different scanner's look (bsf.data.synth.ScannerProfile)
 
 It is read into a :class:`SiteConfig`: its top-level, ``data``, ``train`` and ``synthetic`` keys are checked
 here (an unknown one is an error naming the file and the key); the values are type-checked by the run
@@ -62,6 +63,7 @@ class SyntheticData:
     subjects: int = 4
     spacing: float = 3.0  # mm
     seed: int | None = None  # None: seeded by the site's name (:func:`site_seed`)
+    scanner: Any = None  # a bsf.data.synth.ScannerProfile (None: the usual images)
 
     @classmethod
     def from_yaml(cls, raw: Any, origin: str) -> "SyntheticData":
@@ -81,6 +83,13 @@ class SyntheticData:
         for ok, key, expected in checks:
             if not ok:
                 raise ConfigError(f"site config {origin}: synthetic.{key} must be {expected}, got {getattr(synthetic, key)!r}")
+        if synthetic.scanner is not None:
+            from bsf.data.synth import ScannerProfile  # heavy import only when a site sets one
+
+            try:
+                synthetic = dataclasses.replace(synthetic, scanner=ScannerProfile.from_mapping(synthetic.scanner))
+            except ConfigError as exc:
+                raise ConfigError(f"site config {origin}: synthetic.{exc}") from None
         return dataclasses.replace(synthetic, spacing=float(synthetic.spacing))
 
     def seed_for(self, site: str) -> int:
@@ -276,12 +285,14 @@ def prepare_site_data(site: SiteConfig, dataset: str, workspace: str | os.PathLi
     """
     if not site.synthesises:
         return site
-    from bsf.data.synth import synthesize  # heavy import only when needed
+    from bsf.data.synth import DEFAULT_SCANNER, synthesize  # heavy import only when needed
     from bsf.io import atomic_write_text
 
     synthetic = site.synthetic
     seed = synthetic.seed_for(site.site)
-    out = Path(workspace) / SYNTH_FOLDER / f"synthetic-{dataset}-n{synthetic.subjects}-s{synthetic.spacing:g}-seed{seed}"
+    scanner = synthetic.scanner or DEFAULT_SCANNER
+    name = f"synthetic-{dataset}-n{synthetic.subjects}-s{synthetic.spacing:g}-seed{seed}{scanner.tag}"
+    out = Path(workspace) / SYNTH_FOLDER / name
     marker = out / ".complete"
     if marker.is_file():
         log.info("site %s: no data configured; reusing its synthetic %s set in %s", site.site, dataset, out)
@@ -290,7 +301,7 @@ def prepare_site_data(site: SiteConfig, dataset: str, workspace: str | os.PathLi
             "site %s: no data configured (%s); SYNTHESISING %d %s-like subjects at %g mm (seed %d) in %s",
             site.site, site.source, synthetic.subjects, dataset, synthetic.spacing, seed, out,
         )
-        synthesize(dataset, synthetic.subjects, out, spacing=synthetic.spacing, seed=seed)
+        synthesize(dataset, synthetic.subjects, out, spacing=synthetic.spacing, seed=seed, scanner=scanner)
         atomic_write_text("ok\n", marker)
     data = {**site.data, "dataset": dataset, "root": str(out), "datalist": None}
     return dataclasses.replace(site, data=data)
