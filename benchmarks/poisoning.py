@@ -67,7 +67,7 @@ def federate(root: Path, seed: int, rule: RobustRule, attack: float | None, roun
             aggregate, _ = robust_aggregate(updates, rule)
             global_params = {k: global_params[k] + aggregate[k] for k in global_params}
         metrics = sites[0].validate(global_params)
-    return float(metrics.get("val_mean_dice", next(iter(metrics.values()))))
+    return float(metrics["val_dice_mean"])
 
 
 def main() -> None:
