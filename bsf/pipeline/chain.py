@@ -108,10 +108,10 @@ class ChainConfig:
                 raise BSFError(f"--targets: {target!r} is not brats or atlas")
             if self.sites.get(target, 0) < 1:
                 raise BSFError(f"--targets {target} needs at least one {target} site (--sites {target}=N)")
-        if self.stage1_model is None and self.sites.get("ukb", 0) < 1 and FIRST_STAGE in [s.name for s in self.stages()]:
-            raise BSFError("Stage 1 needs at least one ukb site (or give --stage1-model)")
-        for stage in self.stages():
-            stage_sites(stage, datasets)  # every stage has sites
+        for stage in self.stages():  # every stage has sites
+            if stage.name == FIRST_STAGE and self.sites.get("ukb", 0) < 1:
+                raise BSFError("Stage 1 needs at least one ukb site (or give --stage1-model)")
+            stage_sites(stage, datasets)
         if self.subjects < 2:
             raise BSFError("--subjects must be >= 2 (one validation case per site)")
         if min(self.rounds, self.stage3_rounds, self.local_steps, self.crops_per_volume) < 1:

@@ -159,7 +159,7 @@ def dataset_site_configs(out: Path, sites: Mapping[str, str], given: Mapping[str
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{site}.yaml"
         path.write_text(
-            f"# POC site {site} (written by bsf.pipeline.poc_run): a {dataset}-like site synthesising its data.\n"
+            f"# POC site {site} (written by bsf.pipeline.poc_run): it synthesises {dataset}-like data for itself.\n"
             + yaml.safe_dump(site_entry(dataset), sort_keys=False)
         )
         configs[site] = str(path)
