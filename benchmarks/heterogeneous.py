@@ -157,6 +157,23 @@ def run_arm(arm: str, cohort: dict[str, list[Path]], seed: int, out: Path, args:
     return {"scores": scores, "cost": cost}
 
 
+def payload_plan(args: argparse.Namespace) -> str:
+    """Bytes per round per site of each job without training: a site sends the global model's shared tensors and its
+    own task's head (:func:`~bsf.federation.task_heads.to_local` renamed back), as float32 differences."""
+    from bsf.federation.task_heads import to_global, to_local
+
+    lines = ["| job | site | bytes up per round | bytes down per round |", "|---|---|---|---|"]
+    for arm, job in (("separate_brats", "stage3_brats"), ("separate_atlas", "stage3_atlas"), ("joint", "stage3_all")):
+        preset, tasks, extra = ARMS[arm]
+        config = site_config(preset, tasks[0], Path("unused.json"), args.out / "plan", 0, args, extra)
+        config.federation = FederationConfig(scope="all", tasks=list(tasks) if len(tasks) > 1 else [])
+        global_params = exchanged(initial_global_weights(config, "all", environ={})[0])
+        for task in tasks:
+            sent = to_global(to_local(global_params, task), task) if len(tasks) > 1 else global_params
+            lines.append(f"| `{job}` | {task} | {payload_bytes(sent):,} | {payload_bytes(global_params):,} |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- summary
 def _mean_sd(values: Sequence[float]) -> str:
     sd = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
@@ -217,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cases", type=int, default=3, help="training cases per site")
     parser.add_argument("--held-out", type=int, default=3, help="held-out cases per task")
     parser.add_argument("--spacing", type=float, default=4.0)
+    parser.add_argument("--bytes-only", action="store_true", help="only the bytes per round per site (no training)")
     parser.add_argument("--tiny", action="store_true", help="1 seed, 1 round x 1 step, 2 cases: the script end to end")
     return parser
 
@@ -226,9 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.seeds, args.rounds, args.local_steps, args.cases, args.held_out = args.seeds[:1], 1, 1, 2, 2
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.bytes_only:
+        print(payload_plan(args))
+        return 0
     path = args.out / "results.json"
     stored = json.loads(path.read_text()) if path.is_file() else {"args": None, "results": {}}
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "bytes_only")}
     if stored["args"] not in (None, settings):
         raise SystemExit(f"{path} was made with {stored['args']}, this command asks for {settings}: use another --out")
     stored["args"] = settings
