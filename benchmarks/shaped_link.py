@@ -254,14 +254,15 @@ def job_plan(spec) -> dict[str, float]:
     """What the job says it needs per site and round at its ``federation.uplink_mbit`` (as the export logs it)."""
     from bsf.engine import load_config
     from bsf.fl.jobs import job_run_config
-    from bsf.federation.payload import round_bytes, transfer_timeouts
+    from bsf.federation.payload import round_bytes, streaming_timeouts, transfer_timeouts
 
     fed = spec.federation
     down, up = round_bytes(load_config(job_run_config(spec)), fed.scope, fed.transfer_dtype)
     t = transfer_timeouts(down, up, fed.uplink_mbit)
     return {"uplink_mbit": fed.uplink_mbit, "transfer_dtype": fed.transfer_dtype, "down_MB": down / 1e6,
             "up_MB": up / 1e6, "download_s": t.download_seconds, "upload_s": t.upload_seconds,
-            "get_task_timeout_s": t.download, "submit_task_result_timeout_s": t.submit}
+            "get_task_timeout_s": t.download, "submit_task_result_timeout_s": t.submit,
+            "comm_config": streaming_timeouts(fed.uplink_mbit).comm_config()}
 
 
 def inner(args) -> None:
@@ -276,7 +277,7 @@ def inner(args) -> None:
     launchers = {site: ["ip", "netns", "exec", topo.site_ns(i)] for i, site in enumerate(topo.sites, 1)}
     began = time.time()
     with PocDeployment(out, sites=topo.sites, env={"OMP_NUM_THREADS": "1"}, server_host=SERVER_HOST,
-                       launchers=launchers) as poc:
+                       launchers=launchers, uplink_mbit=args.uplink_mbit) as poc:
         kits = {name: poc.kit(name) for name in ["server", *topo.sites]}
         sampler = Sampler(kits, {site: topo.server_dev(i) for i, site in enumerate(topo.sites, 1)})
         sampler.start()
@@ -328,7 +329,7 @@ def plan_text(plan: dict) -> str:
     return (f"at {plan['uplink_mbit']:g} Mbit/s ({plan['transfer_dtype']} upload): {plan['down_MB']:.1f} MB down, "
             f"{plan['up_MB']:.1f} MB up per site and round -> {plan['download_s']:.1f} s + {plan['upload_s']:.1f} s "
             f"of transfer; get_task_timeout {plan['get_task_timeout_s']:.0f} s, submit_task_result_timeout "
-            f"{plan['submit_task_result_timeout_s']:.0f} s")
+            f"{plan['submit_task_result_timeout_s']:.0f} s; every kit's comm_config.json: {plan['comm_config']}")
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@
 ::
 
     bsf deploy site-kit KIT --site-config sites/ukb.yaml [--gpus 1 --gpu-mem 40] [--privacy none|percentile|svt]
-    bsf deploy poc --out poc_out [--stages stage1 stage2_brats stage3_brats] [--sites 2] [--rounds R --local-steps K] [--encryption he]
+    bsf deploy poc --out poc_out [--stages stage1 stage2_brats stage3_brats] [--sites 2] [--rounds R --local-steps K] [--encryption he] [--uplink-mbit 10]
     bsf deploy poc --out poc_het --sites ukb=1,brats=2,atlas=1 --stages stage1 stage2_all stage3_brats stage3_atlas
     bsf deploy resume --job stage1 --server-run SERVER_WS/JOB_ID --out jobs_resume [--rounds R --local-steps K]
     bsf deploy target JOB_FOLDER --sites brats-site-a brats-site-b
@@ -32,7 +32,7 @@ def cmd_poc(args: argparse.Namespace) -> None:
     summary = run_poc(
         args.out, stages=args.stages, sites=args.sites, num_rounds=args.rounds, local_steps=args.local_steps,
         overrides=args.override or (), cross_site_eval=False if args.no_cross_site_eval else None,
-        timeout=args.timeout, encryption=args.encryption,
+        timeout=args.timeout, encryption=args.encryption, uplink_mbit=args.uplink_mbit,
     )
     for stage, entry in summary["stages"].items():
         print(f"{stage}: {entry['status']}, {entry['rounds']} rounds, global model {entry.get('global_model')}")
@@ -89,6 +89,9 @@ def add_deploy_parser(sub) -> None:
     poc.add_argument("--no-cross-site-eval", action="store_true")
     poc.add_argument("--encryption", choices=ENCRYPTIONS, default=None,
                      help="he: homomorphic encryption of every stage's updates (TenSEAL contexts in the kits; no cross-site eval)")
+    poc.add_argument("--uplink-mbit", type=float, default=None,
+                     help="the sites' link (Mbit/s): the jobs' federation.uplink_mbit (task timeouts) and every kit's "
+                     "comm_config.json (NVFlare's streaming timeouts); default: NVFlare's defaults")
     poc.add_argument("--timeout", type=float, default=3600, help="seconds to wait for each job")
     poc.set_defaults(func=cmd_poc)
 

@@ -68,7 +68,7 @@ def sites_of(stage: Stage, sites: Sequence[str] | Mapping[str, str]) -> list[str
 def plan_jobs(
     jobs: Sequence[str], sites: Sequence[str] | Mapping[str, str], num_rounds: int | None = None,
     local_steps: int | None = None, overrides: Sequence[str] = (), cross_site_eval: bool | None = None,
-    encryption: str | None = None,
+    encryption: str | None = None, uplink_mbit: float | None = None,
 ) -> list[tuple[Any, list[str]]]:
     """The listed committed jobs in stage-graph order with this run's sizes, each with the sites that run it
     (:func:`sites_of`; ``min_clients`` at most their number); their starting models come later.
@@ -89,7 +89,8 @@ def plan_jobs(
         spec = by_stage[stage.name]
         names = sites_of(stage, sites)
         changes = {"min_clients": min(spec.federation.min_clients, len(names))}
-        changes.update({k: v for k, v in (("rounds", num_rounds), ("local_steps", local_steps), ("cross_site_eval", cross_site_eval)) if v is not None})
+        changes.update({k: v for k, v in (("rounds", num_rounds), ("local_steps", local_steps), ("cross_site_eval", cross_site_eval),
+                                          ("uplink_mbit", uplink_mbit)) if v is not None})
         if encryption == "he":  # the server holds only the encrypted model: no cross-site evaluation
             changes.update(encryption="he", cross_site_eval=False)
         specs.append((replace(spec, run_overrides=[*spec.run_overrides, *overrides]).with_federation(**changes), names))
@@ -172,14 +173,17 @@ def run_poc(
     num_rounds: int | None = None, local_steps: int | None = None, overrides: Sequence[str] = (),
     site_configs: Mapping[str, str] | None = None, cross_site_eval: bool | None = None,
     env: Mapping[str, str] | None = None, timeout: float = 3600, encryption: str | None = None,
+    uplink_mbit: float | None = None,
 ) -> dict[str, Any]:
     """Run ``stages`` on a fresh local deployment of ``sites``; returns the summary also written to ``poc_summary.json``.
 
     ``sites``: names (every site runs every stage), or site -> data set (each stage at the sites of its data
     sets; sites without a ``site_configs`` entry get one naming their data set, :func:`dataset_site_configs`).
     ``encryption="he"``: every stage's updates are encrypted (the kits get TenSEAL contexts; see :mod:`bsf.fl.he`).
+    ``uplink_mbit``: the sites' link (Mbit/s): every job's ``federation.uplink_mbit`` (task timeouts) and every kit's
+    ``comm_config.json`` (NVFlare's streaming timeouts, :func:`bsf.fl.deploy.kit.write_comm_config`).
     """
-    specs = plan_jobs(stages, sites, num_rounds, local_steps, overrides, cross_site_eval, encryption)
+    specs = plan_jobs(stages, sites, num_rounds, local_steps, overrides, cross_site_eval, encryption, uplink_mbit)
     he = encryption == "he"
     out = Path(out).resolve()
     (out / "models").mkdir(parents=True, exist_ok=True)
@@ -189,7 +193,7 @@ def run_poc(
     summary: dict[str, Any] = {"sites": dict(sites) if by_dataset else list(sites), "stages": {}}
     models: dict[str, Path] = {}  # stage -> its downloaded global model
     try:
-        with PocDeployment(out, sites=list(sites), site_configs=site_configs, env=env, he=he) as poc:
+        with PocDeployment(out, sites=list(sites), site_configs=site_configs, env=env, he=he, uplink_mbit=uplink_mbit) as poc:
             poc.start()
             for base, names in specs:
                 spec = replace(base, start=start_point(base.stage, models))

@@ -6,7 +6,9 @@ admin on a kit they received (``bsf deploy site-kit KIT --site-config sites/ukb.
 * ``local/resources.json``: NVFlare's ``resources.json.default`` + GPUs + this project's classes;
 * ``local/privacy.json``: the result guard (and an optional differential-privacy filter);
 * ``local/authorization.json``: BYOC jobs only from the project admin and ``lead`` users;
-* ``local/bsf_site.yaml``: the site's data configuration (validated exactly as the site will read it).
+* ``local/bsf_site.yaml``: the site's data configuration (validated exactly as the site will read it);
+* ``local/comm_config.json`` (server and sites, when provisioned for a link speed): NVFlare's byte-streaming
+  retry and acknowledgement timeouts for that link (:func:`write_comm_config`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ RESOURCES = "resources.json"
 RESOURCES_DEFAULT = "resources.json.default"
 PRIVACY = "privacy.json"
 AUTHORIZATION = "authorization.json"
+COMM_CONFIG = "comm_config.json"
 
 
 def _read_resources(local: Path) -> dict[str, Any]:
@@ -100,6 +103,27 @@ def write_server_local(local: str | os.PathLike, heartbeat_timeout: float | None
     for name in (RESOURCES, RESOURCES_DEFAULT):
         atomic_write_json(resources, local / name)
     return [local / RESOURCES, local / RESOURCES_DEFAULT]
+
+
+def write_comm_config(local: str | os.PathLike, uplink_mbit: float) -> Path:
+    """Set NVFlare's byte-streaming timeouts for a ``uplink_mbit`` link in a kit's ``local/comm_config.json``
+    (:func:`bsf.federation.payload.streaming_timeouts`; other keys already there are kept). NVFlare's server,
+    client and job processes read it from their workspace (``CommConfigurator``); returns the file."""
+    from bsf.federation.payload import streaming_timeouts
+
+    path = Path(local) / COMM_CONFIG
+    config: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    timeouts = streaming_timeouts(uplink_mbit)
+    config.update(timeouts.comm_config())
+    atomic_write_json(config, path)
+    log.info("%s: streaming timeouts for %g Mbit/s (%.0f s in flight per window): %s", path, uplink_mbit,
+             timeouts.in_flight_seconds, timeouts.comm_config())
+    return path
 
 
 def prepare_site_kit(kit: str | os.PathLike, site_config: str | os.PathLike, num_gpus: int = 0,

@@ -75,12 +75,13 @@ def with_he_builder(builders: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
 def poc_project(
     template: Mapping[str, Any], sites: Sequence[str], ports: tuple[int, int],
     site_configs: Mapping[str, str] | None = None, heartbeat_timeout: float | None = None, he: bool = False,
-    server_host: str | None = None,
+    server_host: str | None = None, uplink_mbit: float | None = None,
 ) -> dict[str, Any]:
     """The project file for a local deployment: ``template``'s builders and admin, a ``server`` on ``ports``
     (federated learning, admin), CPU clients named ``sites`` (with ``site_configs[site]`` as their data config);
     ``he``: also the TenSEAL contexts of encrypted jobs (:func:`with_he_builder`); ``server_host``: the sites reach
-    the server at that host name (in its certificate too) instead of ``localhost``."""
+    the server at that host name (in its certificate too) instead of ``localhost``; ``heartbeat_timeout``,
+    ``uplink_mbit``: the project builder's arguments (:class:`bsf.fl.deploy.builder.BSFKitBuilder`)."""
     project = copy.deepcopy(dict(template))
     admins = [p for p in project.get("participants", []) if p.get("type") == "admin"]
     if not admins:
@@ -101,10 +102,11 @@ def poc_project(
     project.update(name=POC_PROJECT, participants=participants)
     if he:
         project["builders"] = with_he_builder(project.get("builders", []))
-    if heartbeat_timeout is not None:
-        for builder in project.get("builders", []):
-            if builder.get("path") == "bsf.fl.deploy.builder.BSFKitBuilder":
-                builder.setdefault("args", {})["heartbeat_timeout"] = heartbeat_timeout
+    builder_args = {k: v for k, v in (("heartbeat_timeout", heartbeat_timeout), ("uplink_mbit", uplink_mbit))
+                    if v is not None}
+    for builder in project.get("builders", []):
+        if builder_args and builder.get("path") == "bsf.fl.deploy.builder.BSFKitBuilder":
+            builder.setdefault("args", {}).update(builder_args)
     return project
 
 
@@ -122,6 +124,8 @@ class PocDeployment:
         server_host: the host name the sites connect to (default ``localhost``), e.g. the server's address on a
             shaped link (``benchmarks/shaped_link.py``).
         launchers: participant -> command prefix its start runs under (e.g. ``["ip", "netns", "exec", "ns1"]``).
+        uplink_mbit: the sites' link (Mbit/s): every kit's ``local/comm_config.json`` gets NVFlare's streaming
+            timeouts for it (:func:`bsf.fl.deploy.kit.write_comm_config`); none: NVFlare's defaults.
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class PocDeployment:
         site_configs: Mapping[str, str] | None = None, project: str | os.PathLike = PROJECT_FILE,
         heartbeat_timeout: float | None = None, env: Mapping[str, str] | None = None, he: bool = False,
         server_host: str | None = None, launchers: Mapping[str, Sequence[str]] | None = None,
+        uplink_mbit: float | None = None,
     ):
         self.root = Path(root).resolve()
         self.sites = list(sites)
@@ -137,6 +142,7 @@ class PocDeployment:
         self.heartbeat_timeout = heartbeat_timeout
         self.he = he
         self.server_host = server_host
+        self.uplink_mbit = uplink_mbit
         self.launchers = {name: list(prefix) for name, prefix in (launchers or {}).items()}
         self.workspace = self.root / "poc"
         self.env = dict(os.environ)
@@ -177,7 +183,7 @@ class PocDeployment:
         self.admin = next(p["name"] for p in template["participants"] if p.get("type") == "admin")
         self.ports = tuple(free_ports(2))
         project = poc_project(template, self.sites, self.ports, self.site_configs, self.heartbeat_timeout, he=self.he,
-                              server_host=self.server_host)
+                              server_host=self.server_host, uplink_mbit=self.uplink_mbit)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "home").mkdir(exist_ok=True)
         project_file = self.root / "project.yml"
@@ -265,10 +271,31 @@ class PocDeployment:
     def status(self, job_id: str) -> str:
         return str(self.session().get_job_meta(job_id).get("status", ""))
 
-    def wait(self, job_id: str, timeout: float = 900) -> str:
-        """Wait for a job to end; returns its final status (e.g. ``FINISHED:COMPLETED``)."""
-        meta = self.session().wait_for_job(job_id, timeout=timeout, poll_interval=2)
-        return str(meta.get("status", ""))
+    def wait(self, job_id: str, timeout: float = 900, unanswered_s: float = 120) -> str:
+        """Wait for a job to end; returns its final status (e.g. ``FINISHED:COMPLETED``).
+
+        A status poll the server leaves unanswered (NVFlare's admin commands wait 5 s; a server relaying models
+        over slow site links can take longer, seen at 10 Mbit/s in benchmarks/shaped_link.py) is retried; only
+        ``unanswered_s`` seconds without any answer end the wait with NVFlare's ``NoConnection``.
+        """
+        from nvflare.fuel.flare_api.api_spec import JobTimeout, NoConnection
+
+        deadline = time.monotonic() + timeout
+        answered = time.monotonic()
+        while True:
+            try:
+                status = self.status(job_id)
+                answered = time.monotonic()
+            except NoConnection:
+                if time.monotonic() - answered > unanswered_s:
+                    raise
+                log.warning("job %s: the server did not answer a status poll; asking again", job_id)
+                status = ""
+            if status.startswith("FINISHED") or status == "ABORTED":  # NVFlare's terminal statuses
+                return status
+            if time.monotonic() > deadline:
+                raise JobTimeout(f"job {job_id} did not finish within {timeout}s")
+            time.sleep(2)
 
     def download(self, job_id: str, out: str | os.PathLike) -> Path:
         """Download a finished job's result; returns the server's run folder in it (``app_server/``, metrics, logs)."""
