@@ -6,7 +6,7 @@
 In-process federations, no NVFlare (the pattern of ``benchmarks/poisoning.py``): real
 :class:`~bsf.federation.site_trainer.SiteTrainer` sites, and the server's own aggregator
 (:meth:`bsf.fl.aggregation.CheckedFedAvgAggregator.for_federation` with the arm's ``model.modalities``: the update
-checks, weights by steps, :class:`~bsf.federation.task_heads.KeyedMean` over the task heads,
+checks, weights by steps, :class:`~bsf.federation.weighted_mean.WeightedMean` (each key over the sites that sent it: a task's head over its sites),
 :class:`~bsf.federation.modality.ModalityAggregation` of the first layer), the round applied as NVFlare's FedAvg
 applies a DIFF (``global[k] += aggregate[k]``). The initial global model is the server's
 (:func:`bsf.federation.initial_model.initial_global_weights`: the seeded initialisation of the arm's run config,

@@ -21,7 +21,8 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from bsf.config import FederationConfig, load_config
 from bsf.errors import ConfigError
 from bsf.federation.site_trainer import SiteTrainer
-from bsf.federation.task_heads import KeyedMean, TaskHeadError, to_global, to_local, update_task
+from bsf.federation.task_heads import TaskHeadError, to_global, to_local, update_task
+from bsf.federation.weighted_mean import WeightedMean
 from bsf.fl.aggregation import CheckedFedAvgAggregator
 
 W, B = "out.conv.conv.weight", "out.conv.conv.bias"
@@ -71,8 +72,8 @@ def test_rule_matches_hand_computation():
     np.testing.assert_allclose(result.params[SHARED], np.full((2, 2), 2.0))
 
 
-def test_keyed_mean_and_names():
-    mean = KeyedMean()
+def test_each_key_is_averaged_over_the_updates_holding_it_and_names():
+    mean = WeightedMean()
     mean.add({"a": np.ones(2), "h": np.full(1, 4.0)}, 1.0)
     mean.add({"a": np.full(2, 3.0)}, 3.0)
     assert mean.result()["a"].tolist() == [2.5, 2.5] and mean.result()["h"].tolist() == [4.0]

@@ -14,7 +14,7 @@ A site trains a plain SwinUNETR of its own task (its ``model.out_channels`` from
 :data:`TASK_OUT_CHANNELS`). It loads the shared tensors and its own task's head (:func:`to_local`) and sends the
 shared tensors and its head renamed into its task's namespace (:func:`to_global`). The server checks that an
 update holds every shared key and exactly one task's complete head (:func:`update_task`) and averages each key
-over the sites that sent it (:class:`KeyedMean`)::
+over the sites that sent it (:class:`bsf.federation.weighted_mean.WeightedMean`)::
 
     W[k] = sum_{s sent k} w_s W_s[k] / sum_{s sent k} w_s
 
@@ -24,7 +24,6 @@ differences). Plain NumPy, no NVFlare, no torch.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import numpy as np
@@ -36,7 +35,6 @@ __all__ = [
     "TASK_NAMESPACE",
     "TASK_OUT_CHANNELS",
     "TaskHeadError",
-    "KeyedMean",
     "is_head",
     "task_key",
     "split_task_key",
@@ -188,47 +186,6 @@ def site_task(tasks: Sequence[str], dataset: str, site: str = "this site") -> st
         raise TaskHeadError(f"{site}: data.dataset {dataset!r} is not one of the job's tasks (federation.tasks: "
                             f"{', '.join(tasks)})")
     return dataset
-
-
-class KeyedMean:
-    """Running weighted mean of dicts of arrays, each key over the updates that hold it (float64 sums, float32 result).
-
-    The interface of :class:`bsf.fl.aggregation.WeightedMean`; with every key in every update the two agree.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._sums: dict[str, np.ndarray] = {}
-        self._weights: dict[str, float] = {}
-        self.total_weight = 0.0
-        self.contributors: list[tuple[str, float]] = []
-
-    def add(self, params: Mapping[str, Any], weight: float, name: str = "?") -> None:
-        """Add ``params`` (key -> array) with a positive finite ``weight``."""
-        if weight <= 0 or not math.isfinite(weight):
-            raise ValueError(f"weight must be positive and finite, got {weight}")
-        for k, v in params.items():
-            contribution = np.asarray(v, dtype=np.float64) * weight
-            if k in self._sums:
-                self._sums[k] += contribution
-                self._weights[k] += weight
-            else:
-                self._sums[k], self._weights[k] = contribution, weight
-        self.total_weight += weight
-        self.contributors.append((name, weight))
-
-    def __len__(self) -> int:
-        return len(self.contributors)
-
-    def key_weights(self) -> dict[str, float]:
-        """Each key's summed weight (the sites that sent it)."""
-        return dict(self._weights)
-
-    def result(self) -> dict[str, np.ndarray]:
-        """Key -> float32 mean over the updates holding that key; empty before any ``add``."""
-        return {k: (s / self._weights[k]).astype(np.float32) for k, s in self._sums.items()}
 
 
 def task_settings(task: str) -> dict[str, Any]:

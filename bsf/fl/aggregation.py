@@ -2,7 +2,7 @@
 
 Two layers:
 
-* :func:`check_update`, :func:`update_weight` and :class:`WeightedMean` are plain NumPy (no NVFlare):
+* :func:`check_update`, :func:`update_weight` and :class:`~bsf.federation.weighted_mean.WeightedMean` are plain NumPy (no NVFlare):
   what makes an update acceptable, what it weighs, and the weighted average itself. Unit tests drive
   them directly.
 * :class:`CheckedFedAvgAggregator` plugs them into NVFlare's ``FedAvg`` controller as a
@@ -48,7 +48,8 @@ from bsf.errors import ConfigError
 from bsf.federation.modality import ModalityAggregation, ModalityMetaError
 from bsf.federation.fedcost import cost_ratio, fedcost_weights
 from bsf.federation.robust import RobustRule, robust_aggregate
-from bsf.federation.task_heads import KeyedMean, update_task
+from bsf.federation.task_heads import update_task
+from bsf.federation.weighted_mean import WeightedMean
 from bsf.fl.scaffold import CONTROL_DIFF
 
 log = logging.getLogger(__name__)
@@ -169,40 +170,6 @@ def update_weight(meta: Mapping[str, Any] | None, weigh_by: str, bound: float = 
     return claim, ""
 
 
-class WeightedMean:
-    """Running weighted mean of dicts of arrays, accumulated in float64, returned as float32."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._sums: dict[str, np.ndarray] = {}
-        self.total_weight = 0.0
-        self.contributors: list[tuple[str, float]] = []
-
-    def add(self, params: Mapping[str, Any], weight: float, name: str = "?") -> None:
-        """Add ``params`` (key -> array, any shape) with a positive finite ``weight``."""
-        if weight <= 0 or not math.isfinite(weight):
-            raise ValueError(f"weight must be positive and finite, got {weight}")
-        for k, v in params.items():
-            contribution = np.asarray(v, dtype=np.float64) * weight
-            if k in self._sums:
-                self._sums[k] += contribution
-            else:
-                self._sums[k] = contribution
-        self.total_weight += weight
-        self.contributors.append((name, weight))
-
-    def __len__(self) -> int:
-        return len(self.contributors)
-
-    def result(self) -> dict[str, np.ndarray]:
-        """Key -> float32 weighted mean (same shapes as the inputs); empty before any ``add``."""
-        if not self.contributors:
-            return {}
-        return {k: (s / self.total_weight).astype(np.float32) for k, s in self._sums.items()}
-
-
 def weighted_average(updates: list[tuple[Mapping[str, Any], float]]) -> dict[str, np.ndarray]:
     """Weighted mean of ``[(params, weight), ...]`` (float32 result)."""
     mean = WeightedMean()
@@ -277,7 +244,7 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         if self.tasks and (self.keeps_updates or scaffold):
             raise ConfigError("per-task heads (federation.tasks) work with the weighted mean only: no robust rule, "
                               "fedcostwavg or SCAFFOLD")
-        self._mean = KeyedMean() if self.tasks else WeightedMean()
+        self._mean = WeightedMean()  # each key over the sites that sent it: a task's head over its own sites
         self._task_metrics: dict[str, WeightedMean] = {}  # tasks: each task's sites' metrics
         self._params_type = None
         self._rejected: list[tuple[str, str]] = []
