@@ -25,7 +25,7 @@ from bsf.data.synth import synthesize
 from bsf.engine.tasks import SSLTask
 from bsf.errors import BSFError
 from bsf.federation import run_folders
-from bsf.federation.stages import get_stage
+from tests.fake_poc import FakePocDeployment
 from bsf.ssl import SSLLoss, make_ssl_views
 
 UNION = ["t1", "t1ce", "t2", "flair"]
@@ -124,46 +124,17 @@ def test_the_chain_runs_a_stage_across_data_sets_at_all_their_sites(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the POC runner, deployment faked
-class FakePoc:
-    """Stands in for PocDeployment: records the sites and their configs; every job 'completes' with a model file."""
-
-    made: dict = {}
-
-    def __init__(self, out, sites, site_configs=None, **_):
-        FakePoc.made = {"sites": list(sites), "site_configs": dict(site_configs or {})}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    def start(self):
-        pass
-
-    def submit(self, job_folder):
-        return Path(job_folder).name
-
-    def wait(self, job_id, timeout):
-        return "FINISHED:COMPLETED"
-
-    def download(self, job_id, out):
-        run_dir = Path(out) / job_id
-        run_folders.global_model(run_dir).parent.mkdir(parents=True)
-        torch.save({"model": {}, run_folders.ROUND_KEY: 0}, run_folders.global_model(run_dir))
-        return run_dir
-
 
 def test_the_poc_runner_deploys_each_stage_to_the_sites_of_its_data_sets(monkeypatch, tmp_path):
     import bsf.pipeline.poc_run as run
     from bsf.pipeline.sites import site_option
 
-    monkeypatch.setattr(run, "PocDeployment", FakePoc)
+    monkeypatch.setattr(run, "PocDeployment", FakePocDeployment)
     sites = site_option("ukb=1,brats=2,atlas=1")
     summary = run.run_poc(tmp_path, stages=list(HETEROGENEOUS), sites=sites, num_rounds=1, local_steps=1)
-    assert FakePoc.made["sites"] == ["ukb-1", "brats-1", "brats-2", "atlas-1"]
+    assert FakePocDeployment.made["sites"] == ["ukb-1", "brats-1", "brats-2", "atlas-1"]
     for site, dataset in sites.items():  # each site's kit gets a configuration naming its data set and modalities
-        config = yaml.safe_load(Path(FakePoc.made["site_configs"][site]).read_text())
+        config = yaml.safe_load(Path(FakePocDeployment.made["site_configs"][site]).read_text())
         assert config["data"]["dataset"] == dataset and sorted(config["data"]["modalities"]) == sorted(HELD[dataset])
         assert set(config) == {"data"}  # no data location: the site synthesises its data set's kind
     expected = {"stage1": ["ukb-1"], "stage2_all": ["ukb-1", "brats-1", "brats-2", "atlas-1"],

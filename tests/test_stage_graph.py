@@ -17,6 +17,7 @@ import yaml
 from bsf.config import load_config
 from bsf.errors import ConfigError
 from bsf.federation import run_folders
+from tests.fake_poc import FakePocDeployment
 from bsf.fl.client import SitePaths, site_run_config
 from bsf.fl.jobs import COMMITTED_JOBS, job_for_stage, job_run_config
 from bsf.federation.initial_model import initial_global_weights
@@ -103,35 +104,8 @@ def test_stage1_straight_to_stage3_brats_adapts_2_to_4_channels(stage1_model):
 
 
 # ---------------------------------------------------------------------------- the POC runner, deployment faked
-class FakePoc:
-    """Stands in for PocDeployment: every submitted job 'completes' with a global model that records round 0."""
 
-    submitted: list = []
-    started = False
-
-    def __init__(self, out, **_):
-        self.out = Path(out)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    def start(self):
-        FakePoc.started = True
-
-    def submit(self, job_folder):
-        return Path(job_folder).name
-
-    def wait(self, job_id, timeout):
-        return "FINISHED:COMPLETED"
-
-    def download(self, job_id, out):
-        run_dir = Path(out) / job_id
-        run_folders.global_model(run_dir).parent.mkdir(parents=True)
-        torch.save({"model": {}, run_folders.ROUND_KEY: 0}, run_folders.global_model(run_dir))
-        return run_dir
+SUBMITTED: list = []  # the job specs the POC runner exported
 
 
 @pytest.fixture
@@ -139,15 +113,16 @@ def fake_poc(monkeypatch, tmp_path):
     import bsf.pipeline.poc_run as run
     import bsf.fl.jobs as jobs
 
-    FakePoc.submitted, FakePoc.started = [], False
+    SUBMITTED.clear()
+    FakePocDeployment.started = False
 
     def export(spec, out_root):
-        FakePoc.submitted.append(spec)
+        SUBMITTED.append(spec)
         folder = Path(out_root) / spec.name
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    monkeypatch.setattr(run, "PocDeployment", FakePoc)
+    monkeypatch.setattr(run, "PocDeployment", FakePocDeployment)
     monkeypatch.setattr(jobs, "export_job", export)
     return run.run_poc, tmp_path
 
@@ -155,18 +130,18 @@ def fake_poc(monkeypatch, tmp_path):
 def test_poc_runner_starts_atlas_stage2_from_stage1_after_brats_stage2(fake_poc):
     run_poc, out = fake_poc
     summary = run_poc(out, stages=["stage1", "stage2_brats", "stage2_atlas"], num_rounds=1, local_steps=1)
-    starts = {spec.name: spec.start for spec in FakePoc.submitted}
+    starts = {spec.name: spec.start for spec in SUBMITTED}
     assert list(starts) == ["stage1", "stage2_brats", "stage2_atlas"] and starts["stage1"] is None
     stage1_model = out.resolve() / "models" / "stage1_FL_global_model.pt"
     assert (starts["stage2_atlas"].stage, starts["stage2_atlas"].model) == ("stage1", stage1_model)
     assert summary["stages"]["stage2_atlas"]["started_from"] == {"stage": "stage1", "model": str(stage1_model)}
-    assert all(s.federation.rounds == 1 and s.federation.local_steps == 1 for s in FakePoc.submitted)
+    assert all(s.federation.rounds == 1 and s.federation.local_steps == 1 for s in SUBMITTED)
 
 
 def test_poc_runner_stage1_straight_to_stage3_brats(fake_poc):
     run_poc, out = fake_poc
     run_poc(out, stages=["stage3_brats", "stage1"])  # listed in any order: the graph orders them
-    spec = FakePoc.submitted[-1]
+    spec = SUBMITTED[-1]
     assert spec.name == "stage3_brats" and spec.start.stage == "stage1" and spec.start.modalities == ("t1", "flair")
     assert job_run_config(spec)["model"]["pretrained_modalities"] == ["t1", "flair"]
 
@@ -175,7 +150,7 @@ def test_poc_runner_refuses_a_stage_without_its_predecessor_before_starting(fake
     run_poc, out = fake_poc
     with pytest.raises(StageError, match="stage2_atlas starts from the global model of stage1"):
         run_poc(out, stages=["stage2_atlas"])
-    assert not FakePoc.started and not FakePoc.submitted
+    assert not FakePocDeployment.started and not SUBMITTED
 
 
 # ---------------------------------------------------------------------------- the site reads the federation section
