@@ -52,8 +52,9 @@ def stage1_encoder(tmp_path_factory) -> str:
 def _config(stage: str, data_roots: dict[str, str], encoder: str, out) -> RunConfig:
     """The stage's shipped test preset for R*k steps, one crop per step, the later stages from ``encoder``."""
     spec = STAGES[stage]
+    dataset = load_config(f"{stage}_test").data.dataset  # a stage across data sets: the preset's own (one site)
     overrides = [
-        f"data.root={data_roots[spec.datasets[0]]}", f"train.output_dir={out}", "train.progress=false",
+        f"data.root={data_roots[dataset]}", f"train.output_dir={out}", "train.progress=false",
         f"train.steps={ROUNDS * LOCAL_STEPS}", "optim.warmup_steps=1", "data.crops_per_volume=1",
     ]
     if spec.follows:
