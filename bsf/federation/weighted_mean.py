@@ -29,7 +29,6 @@ class WeightedMean:
     def reset(self) -> None:
         self._sums: dict[str, np.ndarray] = {}
         self._weights: dict[str, float] = {}
-        self.total_weight = 0.0
         self.contributors: list[tuple[str, float]] = []
 
     def add(self, params: Mapping[str, Any], weight: float, name: str = "?") -> None:
@@ -43,7 +42,6 @@ class WeightedMean:
                 self._weights[k] += weight
             else:
                 self._sums[k], self._weights[k] = contribution, weight
-        self.total_weight += weight
         self.contributors.append((name, weight))
 
     def __len__(self) -> int:
