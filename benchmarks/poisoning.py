@@ -3,8 +3,9 @@
 An in-process federation (no NVFlare): three real :class:`~bsf.federation.site_trainer.SiteTrainer` sites around
 the Stage 3 BraTS test preset on synthetic BraTS-like data (4 mm), the server's step ``global += aggregate`` with
 the rules of :mod:`bsf.federation.robust`. The bad site trains honestly and then sends ``-10 x`` (``sign_flip``)
-or ``10 x`` (``scaled``) its difference. Reported: the mean Dice of the final global model on site-1's
-validation case, per rule, mean and spread over seeds, next to the honest 2-site federation (sites 1 and 2).
+or ``10 x`` (``scaled``) its difference. Reported: the mean Dice (TC, WT, ET) of the final global model on the
+validation cases of the two honest sites (one each, never trained on), per rule, mean and spread over seeds, next to
+the honest 2-site federation (sites 1 and 2), and each federation's distance from that honest one (same seed).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/poisoning.py --seeds 0 1 2 --rounds 4 --local-steps 2
 """
@@ -52,7 +53,8 @@ def _sites(root: Path, seed: int, n: int, rounds: int, local_steps: int, out: Pa
 
 
 def federate(root: Path, seed: int, rule: RobustRule, attack: float | None, rounds: int, local_steps: int) -> float:
-    """The mean Dice of the final global model on site-1's validation case (``attack=None``: honest sites 1, 2)."""
+    """The mean Dice of the final global model on the honest sites' (1 and 2) validation cases (``attack=None``:
+    the federation of sites 1 and 2 only)."""
     n = 2 if attack is None else 3
     with tempfile.TemporaryDirectory() as out:
         sites = _sites(root, seed, n, rounds, local_steps, Path(out))
@@ -66,8 +68,7 @@ def federate(root: Path, seed: int, rule: RobustRule, attack: float | None, roun
                 updates.append((site.site, params, float(result.meta["NUM_STEPS_CURRENT_ROUND"])))
             aggregate, _ = robust_aggregate(updates, rule)
             global_params = {k: global_params[k] + aggregate[k] for k in global_params}
-        metrics = sites[0].validate(global_params)
-    return float(metrics["val_dice_mean"])
+        return float(np.mean([site.validate(global_params)["val_dice_mean"] for site in sites[:2]]))
 
 
 def main() -> None:
@@ -89,10 +90,14 @@ def main() -> None:
                 for name, rule in RULES.items():
                     table.setdefault(f"{attack}:{name}", []).append(
                         federate(root, seed, rule, ATTACKS[attack], args.rounds, args.local_steps))
+                    print(f"seed {seed} {attack}:{name}: {table[f'{attack}:{name}'][-1]:.4f}", flush=True)
             print(f"seed {seed} done after {time.perf_counter() - started:.0f} s", flush=True)
-    print(f"{'federation':32s} mean Dice (min..max over seeds {args.seeds})")
+    honest = table["honest_2_sites"]
+    print(f"| federation | held-out Dice, mean (min..max over seeds {args.seeds}) | minus the honest 2-site Dice, per seed |")
+    print("|---|---|---|")
     for name, values in table.items():
-        print(f"{name:32s} {np.mean(values):.4f} ({min(values):.4f}..{max(values):.4f})")
+        gaps = ", ".join(f"{v - h:+.3f}" for v, h in zip(values, honest))
+        print(f"| {name} | {np.mean(values):.3f} ({min(values):.3f}..{max(values):.3f}) | {gaps} |")
     Path(args.out).write_text(json.dumps({"args": vars(args), "dice": table}, indent=1))
 
 

@@ -42,9 +42,8 @@ def run_pipeline(out: Path) -> dict:
     summary = run_chain(ChainConfig.demo(out))
     for job, stage in summary["stages"].items():
         line = f"  {job:13s} {stage['seconds']:5.0f} s  {len(stage['sites'])} site(s), {stage['rounds']} x {stage['local_steps']} steps"
-        if "overlay" in stage:
-            dice = stage["overlay"]["dice"]
-            line += f"; validation Dice at {stage['overlay']['site']}: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
+        for overlay in stage.get("overlays", []):
+            line += f"; validation Dice at {overlay['site']}: " + ", ".join(f"{k} {v:.3f}" for k, v in overlay["dice"].items())
         print(line)
     print(f"report: {summary['report']['markdown']}")
     print(f"global models: {out / 'models'}")

@@ -252,7 +252,8 @@ def test_chain_stage3_cross_site_table_and_dice(chain):
         best = table["tables"]["val_dice_mean"]["SRV_best_FL_global_model.pt"]
         for site in sites:
             assert best[site] == pytest.approx(per_round[site][best_round], abs=1e-6), (job, site, means)
-        assert result["overlay"]["dice"] and all(0.0 <= v <= 1.0 for v in result["overlay"]["dice"].values())
+        [overlay] = result["overlays"]
+        assert overlay["dice"] and all(0.0 <= v <= 1.0 for v in overlay["dice"].values())
         if job == "stage3_brats":
             for site in sites:
                 assert all(later > earlier for earlier, later in zip(per_round[site], per_round[site][1:])), (site, per_round)

@@ -286,6 +286,7 @@ def run_chain(cfg: ChainConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "sites": {site: str(root) for site, root in roots.items()},
+        "site_datasets": site_datasets(cfg.sites),
         "stages": {job: asdict(r) for job, r in results.items()},
         "models": {job: str(p) for job, p in models.items()},
     }

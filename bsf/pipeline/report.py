@@ -171,11 +171,15 @@ def write_report(cfg: Any, summary: dict[str, Any]) -> dict[str, Path]:
     if stage3:
         paths["dice"] = plot_dice(stages, out / "dice_per_round.png")
         cases = {}
-        for job in stage3:
-            site = stages[job]["sites"][0]
-            case = predict_validation_case(_run_config(cfg, job), summary["sites"][site], stages[job]["global_model"])
-            stages[job]["overlay"] = {"site": site, "dice": case["dice"]}
-            cases[f"{job} @ {site}"] = case
+        for job in stage3:  # one validation case per task: a job across tasks predicts each with that task's model
+            datasets = get_stage(job).datasets
+            stages[job]["overlays"] = []
+            for dataset in datasets:
+                site = next(s for s in stages[job]["sites"] if summary["site_datasets"][s] == dataset)
+                case = predict_validation_case(_run_config(cfg, job), summary["sites"][site], stages[job]["global_model"],
+                                               task=dataset if len(datasets) > 1 else None)
+                stages[job]["overlays"].append({"site": site, "dice": case["dice"]})
+                cases[f"{job} @ {site}"] = case
         paths["overlay"] = plot_overlays(cases, out / "overlay.png")
 
     lines = [
@@ -219,8 +223,8 @@ def write_report(cfg: Any, summary: dict[str, Any]) -> dict[str, Path]:
         lines += ["![Dice per round](dice_per_round.png)", ""]
         lines += ["## Prediction vs truth (Stage 3 global model, a validation case)", ""]
         for job in stage3:
-            overlay = stages[job]["overlay"]
-            lines.append(f"- {job} at {overlay['site']}: Dice " + ", ".join(f"{k} {v:.3f}" for k, v in overlay["dice"].items()))
+            for overlay in stages[job]["overlays"]:
+                lines.append(f"- {job} at {overlay['site']}: Dice " + ", ".join(f"{k} {v:.3f}" for k, v in overlay["dice"].items()))
         lines += ["", "BraTS colours: green WT only, orange TC (without ET), red ET; ATLAS: red lesion.", "", "![overlay](overlay.png)", ""]
         for job in stage3:
             md = stages[job].get("cross_site", {}).get("markdown")
