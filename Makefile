@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/bsf demo --out demo_out
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -277,18 +277,18 @@ def predict_validation_case(run_config: str | Path, data_root: str | Path, globa
     report = import_weights(model, weights, scope="all", strict=True)
     log.info("overlay model: %s", report.summary().splitlines()[0])
     model.eval()
-    task = build_task(config)
+    segmentation = build_task(config)
     split = training_split(config.data, config.seed)
     if not split.val:
         raise ValueError(f"{data_root}: no validation case")
-    item = task.validation_items(split.val[:1])[0]
+    item = segmentation.validation_items(split.val[:1])[0]
     with torch.no_grad():
-        prediction, truth = task.segment(model, item, torch.device("cpu"))
+        prediction, truth = segmentation.segment(model, item, torch.device("cpu"))
     return {
         "image": item["image"].numpy(),
         "truth": truth,
         "prediction": prediction,
-        "dice": task.dice(prediction, truth),
-        "regions": task.region_names,
+        "dice": segmentation.dice(prediction, truth),
+        "regions": segmentation.region_names,
         "dataset": config.data.dataset,
     }

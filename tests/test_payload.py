@@ -41,6 +41,22 @@ def test_small_stage3_round_and_its_timeouts_match_the_hand_computation():
     assert slow.submit == pytest.approx(2 * 205.0459296)
 
 
+def test_a_round_across_tasks_sends_every_head_down_and_a_sites_own_head_up():
+    # stage3_all_test: a 4-channel SwinUNETR body, a 3-channel BraTS head and a 1-channel ATLAS head. Down: the body
+    # and both heads; up: the body and the larger (BraTS) head, i.e. the BraTS-only model's round plus the ATLAS head.
+    from bsf.federation.task_heads import for_task
+    from bsf.model import build_swin_unetr
+
+    config = load_config("stage3_all_test")
+    brats_model = for_task(config, "brats")  # the plain BraTS SwinUNETR of the same body
+    config.federation = FederationConfig(scope="all", tasks=["brats", "atlas"])  # as the job's run config sets it
+    brats_only, _ = round_bytes(brats_model, "all", "float32")
+    m = config.model
+    atlas_head = build_swin_unetr(m.size, m.in_channels, 1).out.conv.conv
+    atlas_bytes = 4 * (atlas_head.weight.numel() + atlas_head.bias.numel())
+    assert round_bytes(config, "all", "float32") == (brats_only + atlas_bytes, brats_only)
+
+
 def test_uplink_must_be_positive_and_names_the_key():
     with pytest.raises(ConfigError, match="federation.uplink_mbit"):
         FederationConfig(uplink_mbit=0)

@@ -63,9 +63,21 @@ def exchanged_shapes(config: Any, scope: str) -> dict[str, tuple[int, ...]]:
 
 def round_bytes(config: Any, scope: str, transfer_dtype: str) -> tuple[int, int]:
     """``(down, up)`` bytes of one round's tensors at a site: the global part as float32 down, the update up in
-    ``transfer_dtype`` (float16: half). NVFlare's framing is not included (see benchmarks/RESULTS.md)."""
-    elements = element_count(exchanged_shapes(config, scope).values())
-    return 4 * elements, (2 if transfer_dtype == "float16" else 4) * elements
+    ``transfer_dtype`` (float16: half). NVFlare's framing is not included (see benchmarks/RESULTS.md).
+
+    A model across tasks (``federation.tasks``): down, the shared tensors and every task's head; up, the shared
+    tensors and the largest task's head (a site sends its own task's only)."""
+    from bsf.federation.task_heads import for_task, is_head
+
+    tasks = list(getattr(config.federation, "tasks", None) or []) if getattr(config, "federation", None) else []
+    if tasks:
+        per_task = [exchanged_shapes(for_task(config, task), scope) for task in tasks]
+        shared = element_count(shape for key, shape in per_task[0].items() if not is_head(key))
+        heads = [element_count(shape for key, shape in shapes.items() if is_head(key)) for shapes in per_task]
+        down, up = shared + sum(heads), shared + max(heads)
+    else:
+        down = up = element_count(exchanged_shapes(config, scope).values())
+    return 4 * down, (2 if transfer_dtype == "float16" else 4) * up
 
 
 #: Margin on a computed transfer time: TCP/TLS and NVFlare framing, a link shared with other traffic.
