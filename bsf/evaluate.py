@@ -257,7 +257,7 @@ def predict_validation_case(run_config: str | Path, data_root: str | Path, globa
     """The first validation case of the site at ``data_root``, predicted with ``global_model`` (a Stage 3 model).
 
     ``task``: for a model across tasks (``federation.tasks``), the task whose model to use: the shared tensors plus
-    that task's head (:func:`bsf.federation.task_heads.to_local`), the run config's ``for_task`` copy.
+    that task's head (:func:`bsf.federation.export.task_weights`), the run config's ``for_task`` copy.
 
     Returns ``image`` (C, X, Y, Z), ``truth`` and ``prediction`` (K, X, Y, Z) booleans, ``dice`` per region,
     ``regions`` names and the ``dataset``.
@@ -265,14 +265,15 @@ def predict_validation_case(run_config: str | Path, data_root: str | Path, globa
     from bsf.data.pipeline import training_split
     from bsf.engine import load_config
     from bsf.engine.tasks import build_task
-    from bsf.federation.task_heads import for_task, to_local
+    from bsf.federation.export import task_weights
+    from bsf.federation.task_heads import for_task
     from bsf.inference import build_network
-    from bsf.model import import_weights, normalize_checkpoint_keys
+    from bsf.model import import_weights
 
     config = load_config(run_config, overrides=[f"data.root={data_root}", "data.datalist=null", "model.pretrained=null", "train.device=cpu"])
     weights: Any = str(global_model)
     if task is not None:
-        config, weights = for_task(config, task), to_local(normalize_checkpoint_keys(global_model), task)
+        config, weights = for_task(config, task), task_weights(global_model, task)
     model = build_network(config)
     report = import_weights(model, weights, scope="all", strict=True)
     log.info("overlay model: %s", report.summary().splitlines()[0])

@@ -4,7 +4,7 @@ Unit tests (seconds): the SSL loss scores only the channels a site holds and the
 the model sees; ``bsf site check`` counts a case's files against the modalities the site holds; the chain and the
 POC runner (deployment faked) run a stage across data sets at the sites of all its data sets, each site with its
 own data set's configuration. One slow test: the chain ``stage2_all`` -> ``stage3_all`` in the NVFlare simulator
-with 1 UKB-, 2 BraTS- and 1 ATLAS-like site, every site's result through the result guard, both tasks' Dice rising.
+with 1 UKB-, 2 BraTS- and 1 ATLAS-like site, every site's result through the result guard, the BraTS Dice rising.
 """
 
 from __future__ import annotations

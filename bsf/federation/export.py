@@ -58,6 +58,22 @@ def export_global_encoder(global_model_path: str | os.PathLike, out_path: str | 
     return Path(written)
 
 
+def task_weights(global_model: str | os.PathLike, task: str) -> dict:
+    """One task's model of a global model across tasks (``federation.tasks``): the shared tensors plus ``task``'s
+    head as ``out.*`` (:func:`bsf.federation.task_heads.to_local`), a plain SwinUNETR state dict.
+
+    Raises:
+        CheckpointError: the model has no head of ``task`` (names the file and the tasks it has).
+    """
+    from bsf.federation.task_heads import to_local
+    from bsf.model import normalize_checkpoint_keys
+
+    try:
+        return to_local(normalize_checkpoint_keys(global_model), task)
+    except BSFError as exc:
+        raise CheckpointError(f"model {global_model}: {exc}") from None
+
+
 def export_task_model(global_model_path: str | os.PathLike, task: str, out_path: str | os.PathLike, *,
                       config: str | os.PathLike | None = None, force: bool = False) -> Path:
     """Write one task's model of a global model across tasks (``federation.tasks``) as an ordinary checkpoint.
@@ -77,9 +93,9 @@ def export_task_model(global_model_path: str | os.PathLike, task: str, out_path:
     """
     from bsf.config import load_config
     from bsf.federation.run_folders import RUN_CONFIG_FILE
-    from bsf.federation.task_heads import for_task, to_local
+    from bsf.federation.task_heads import for_task
     from bsf.io import atomic_torch_save
-    from bsf.model import build_swin_unetr, import_weights, normalize_checkpoint_keys
+    from bsf.model import build_swin_unetr, import_weights
 
     source = find_global_model(global_model_path)
     config_path = Path(config) if config is not None else source.parent / "config" / RUN_CONFIG_FILE
@@ -88,10 +104,7 @@ def export_task_model(global_model_path: str | os.PathLike, task: str, out_path:
     out = check_output_file(out_path, what=f"{task} model", inputs=[source], force=force)
     run_config = for_task(load_config(config_path), task)
     run_config.federation, run_config.model.pretrained = None, None
-    try:
-        state = to_local(normalize_checkpoint_keys(source), task)
-    except BSFError as exc:
-        raise CheckpointError(f"model {source}: {exc}") from None
+    state = task_weights(source, task)
     m = run_config.model
     import_weights(build_swin_unetr(m.size, m.in_channels, m.out_channels), state, scope="all", strict=True)  # it fits
     with reported_write(out, what=f"{task} model"):

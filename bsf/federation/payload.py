@@ -67,14 +67,13 @@ def round_bytes(config: Any, scope: str, transfer_dtype: str) -> tuple[int, int]
 
     A model across tasks (``federation.tasks``): down, the shared tensors and every task's head; up, the shared
     tensors and the largest task's head (a site sends its own task's only)."""
-    from bsf.federation.task_heads import for_task, is_head
+    from bsf.federation.task_heads import for_task, merge_task_models
 
-    tasks = list(getattr(config.federation, "tasks", None) or []) if getattr(config, "federation", None) else []
+    tasks = config.federation.tasks if config.federation else []
     if tasks:
-        per_task = [exchanged_shapes(for_task(config, task), scope) for task in tasks]
-        shared = element_count(shape for key, shape in per_task[0].items() if not is_head(key))
-        heads = [element_count(shape for key, shape in shapes.items() if is_head(key)) for shapes in per_task]
-        down, up = shared + sum(heads), shared + max(heads)
+        per_task = {task: exchanged_shapes(for_task(config, task), scope) for task in tasks}
+        down = element_count(merge_task_models(per_task).values())
+        up = max(element_count(shapes.values()) for shapes in per_task.values())
     else:
         down = up = element_count(exchanged_shapes(config, scope).values())
     return 4 * down, (2 if transfer_dtype == "float16" else 4) * up
