@@ -68,7 +68,7 @@ def _cases(finetuned: FinetunedModel, datalist: str | os.PathLike, split: str, r
     if split not in SPLITS:
         raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
     data = finetuned.config.data
-    listed = list_cases(data.dataset, datalist=datalist, root=root, modalities=data.modalities, allow_shared=True)
+    listed = list_cases(data.dataset, datalist=datalist, datalist_root=root, modalities=data.modalities, allow_shared=True)
     if split != "all" and listed.validation is None and data.fold is not None:
         listed.training, listed.validation = fold_split(listed.training, data.fold, listed.source)
     if split == "validation" and listed.validation is None:

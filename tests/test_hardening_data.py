@@ -174,12 +174,23 @@ def test_writing_onto_a_folder_is_refused_before_anything_is_written(tmp_path):
 
 # ------------------------------------------------------------------ class 7: datalists with duplicate or shared cases
 def _datalist(tmp_path: Path, training: list[dict], validation: list[dict] | None = None) -> Path:
+    """A datalist of ``training`` and ``validation`` cases beside their (empty) files."""
     path = tmp_path / "datalist.json"
     content = {"dataset": "atlas", "training": training}
     if validation is not None:
         content["validation"] = validation
     path.write_text(json.dumps(content))
+    _touch_files(tmp_path, training + (validation or []))
     return path
+
+
+def _touch_files(base: Path, cases: list[dict]) -> None:
+    """Create each image and label file ``cases`` name under ``base`` (empty: listing only looks for them)."""
+    for case in cases:
+        images = case["image"] if isinstance(case["image"], list) else [case["image"]]
+        for name in images + ([case["label"]] if case.get("label") else []):
+            (base / name).parent.mkdir(parents=True, exist_ok=True)
+            (base / name).touch()
 
 
 def _case(name: str, image: str | None = None) -> dict:
@@ -305,6 +316,7 @@ def test_list_cases_reads_a_datalist_selects_modalities_and_splits_a_fold(tmp_pa
              for i in range(4)]
     path = tmp_path / "datalist.json"
     path.write_text(json.dumps({"dataset": "brats", "training": cases}))
+    _touch_files(tmp_path, cases)
     listed = list_cases("brats", datalist=path, modalities=["t2", "flair"], fold=1)
     assert [c["id"] for c in listed.training] == ["BraTS2021_00000", "BraTS2021_00002"]
     assert [c["id"] for c in listed.validation] == ["BraTS2021_00001", "BraTS2021_00003"]

@@ -51,10 +51,12 @@ def list_cases(
     modalities: Sequence[str] = (),
     fold: int | None = None,
     allow_shared: bool = False,
+    datalist_root: str | Path | None = None,
 ) -> CaseList:
-    """The cases of ``dataset`` from ``datalist`` (relative paths resolve against ``root`` when given, see
-    :func:`bsf.data.index.read_datalist`), else from the folder layout under ``root``.
+    """The cases of ``dataset`` from ``datalist``, else from the folder layout under ``root`` (``data.root``).
 
+    A datalist's relative paths resolve against ``datalist_root`` when given (a command's ``--root``), else against
+    its own ``"root"``, its folder or ``root``, whichever holds its files (:func:`bsf.data.index.read_datalist`).
     ``modalities``: keep and order the image files by these channel names (default: all, as listed).
     ``fold``: training becomes every other fold, validation this fold (:func:`fold_split`; datalists only).
     ``allow_shared``: a case in both of a datalist's lists is only warned about, not an error.
@@ -62,7 +64,7 @@ def list_cases(
     twice, a missing folder, an unknown modality, a fold the cases do not carry.
     """
     if datalist:
-        cases = _from_datalist(dataset, datalist, root, allow_shared)
+        cases = _from_datalist(dataset, datalist, datalist_root, root, allow_shared)
     else:
         cases = _from_folder(dataset, root)
         if fold is not None:
@@ -77,8 +79,10 @@ def list_cases(
     return cases
 
 
-def _from_datalist(dataset: str, path: str | Path, root: str | Path | None, allow_shared: bool) -> CaseList:
-    listing = read_datalist(path, root or None, allow_shared=allow_shared)
+def _from_datalist(
+    dataset: str, path: str | Path, root: str | Path | None, default_root: str | Path | None, allow_shared: bool
+) -> CaseList:
+    listing = read_datalist(path, root or None, default_root=default_root or None, allow_shared=allow_shared)
     source = f"datalist {listing.path}"
     if listing.dataset and listing.dataset != dataset:
         raise DataError(f"{source}: holds {listing.dataset} cases, {dataset} cases are needed here")

@@ -231,13 +231,21 @@ class Datalist:
         return self.training + (self.validation or [])
 
 
-def read_datalist(path: str | Path, root: str | Path | None = None, *, allow_shared: bool = False) -> Datalist:
-    """Read a datalist JSON. Relative paths resolve against ``root``, else the file's ``"root"``, else its folder.
+def read_datalist(
+    path: str | Path, root: str | Path | None = None, *, default_root: str | Path | None = None, allow_shared: bool = False
+) -> Datalist:
+    """Read a datalist JSON and find the folder its relative paths resolve against.
+
+    ``root`` (a ``--root`` the user gave for this command) is the only folder tried. Otherwise the folders tried, in
+    order, are the file's ``"root"``, the file's own folder, then ``default_root`` (a run config's ``data.root``): the
+    first that holds the files of the first listed cases wins, so a datalist means what it says whatever a preset's
+    default root is. A datalist whose paths are all absolute needs no folder.
 
     Raises :class:`DataError` naming the file for a missing/unreadable/invalid file, an empty ``training``
-    list, an entry without ``image``, a case listed twice (same ``id`` or same image file, :func:`duplicate_cases`),
-    or a case in both ``training`` and ``validation`` (:func:`shared_cases`); with ``allow_shared`` the last is
-    only logged as a warning (scoring a model on cases it may have trained on is the caller's choice).
+    list, an entry without ``image`` or with a path that is not a string, a case listed twice (same ``id`` or same
+    image file, :func:`duplicate_cases`), a case in both ``training`` and ``validation`` (:func:`shared_cases`; with
+    ``allow_shared`` only logged as a warning: scoring a model on cases it may have trained on is the caller's
+    choice), and in one line for relative paths found under none of the folders tried (naming each of them).
     """
     path = Path(path)
     if not path.is_file():
@@ -250,27 +258,67 @@ def read_datalist(path: str | Path, root: str | Path | None = None, *, allow_sha
         raise DataError(f"datalist {path}: not valid JSON ({exc})") from None
     if not isinstance(content, dict):
         raise DataError(f"datalist {path}: top level must be a JSON object with a 'training' list")
-    if root:
-        base = Path(root)
-    elif content.get("root") and Path(content["root"]).is_dir():
-        base = Path(content["root"])
-    else:
-        base = path.parent
     lists: dict[str, list[Case]] = {}
     for key in ("training", "validation"):
         entries = content.get(key, [])
         if not isinstance(entries, list):
             raise DataError(f"datalist {path}: '{key}' must be a list")
         for i, entry in enumerate(entries):
-            if not isinstance(entry, dict) or not entry.get("image"):
-                raise DataError(f"datalist {path}: {key} entry {i} has no 'image'")
+            _check_entry(entry, f"datalist {path}: {key} entry {i}")
         lists[key] = entries
     if not lists["training"]:
         raise DataError(f"datalist {path}: no cases under 'training' (empty datalist)")
     validation = lists["validation"] if "validation" in content else None
-    listing = Datalist(path, base, content, lists["training"], validation)
-    _check_splits(listing, allow_shared)
-    return listing
+    # duplicates are the same under any folder: checked before the files are looked for
+    _check_splits(Datalist(path, path.parent, content, lists["training"], validation), allow_shared)
+    base = _find_base(path, content, lists["training"] + (validation or []), root, default_root)
+    return Datalist(path, base, content, lists["training"], validation)
+
+
+def _check_entry(entry: Any, where: str) -> None:
+    """DataError naming ``where`` unless ``entry`` is a case: an ``image`` path or non-empty list of paths, and at
+    most one ``label`` path, each a string."""
+    if not isinstance(entry, dict) or not entry.get("image"):
+        raise DataError(f"{where} has no 'image'")
+    for key in ("image", "label"):
+        value = entry.get(key)
+        if value is None and key == "label":
+            continue
+        paths = value if isinstance(value, list) and key == "image" else [value]
+        bad = [p for p in paths if not isinstance(p, str) or not p]
+        if bad:
+            raise DataError(f"{where}: '{key}' must be {'a path or a list of paths' if key == 'image' else 'a path'} (strings), got {bad[0]!r}")
+
+
+#: cases whose files decide which candidate folder a datalist's relative paths resolve against
+PROBED_CASES = 5
+
+
+def _find_base(path: Path, content: dict[str, Any], cases: list[Case], root: str | Path | None, default_root: str | Path | None) -> Path:
+    """The folder ``cases``' relative paths resolve against (see :func:`read_datalist`)."""
+    if root:
+        candidates = [(Path(root), "--root")]
+    else:
+        stated = [(Path(str(content["root"])), "its 'root'")] if content.get("root") else []
+        fallback = [(Path(default_root), "data.root")] if default_root else []
+        candidates = [*stated, (path.parent, "its folder"), *fallback]
+    relative = [f for case in cases[:PROBED_CASES] for f in _case_files(case) if not Path(f).is_absolute()]
+    if not relative:
+        return candidates[0][0]
+    hits = [sum((base / f).exists() for f in relative) for base, _ in candidates]
+    best = max(range(len(candidates)), key=lambda i: (hits[i], -i))
+    if hits[best] == 0:
+        tried = ", ".join(f"{base} ({why})" for base, why in candidates)
+        raise DataError(
+            f"datalist {path}: its relative paths (e.g. {relative[0]}) are under none of: {tried}; "
+            + ("set data.root to the folder that holds them" if default_root and not root else "give the folder that holds them with --root")
+        )
+    return candidates[best][0]
+
+
+def _case_files(case: Case) -> list[str]:
+    """Every file a case names: its image files and its label."""
+    return _files(case) + ([case["label"]] if case.get("label") else [])
 
 
 def _check_splits(listing: Datalist, allow_shared: bool) -> None:

@@ -78,10 +78,8 @@ def _checked(cases: list[Case], cfg: DataConfig, where: str, labels: list[int] |
     if report.ok:
         return cases
     if not cfg.skip_broken:
-        raise DataError(
-            f"{where}: {len(report.broken)} broken {role} case(s); fix them, or set data.skip_broken=true to leave them out: "
-            + report.one_line()
-        )
+        fix = "fix them" if len(report.broken) == len(cases) else "fix them, or set data.skip_broken=true to leave them out"
+        raise DataError(f"{where}: {len(report.broken)} of {len(cases)} {role} case(s) broken; {fix}: " + report.one_line())
     log.warning("%s: leaving out %d broken %s case(s) (data.skip_broken):", where, len(report.broken), role)
     for problem in report.errors:
         log.warning("  %s: %s", problem.file or problem.case, problem.problem)
