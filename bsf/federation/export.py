@@ -47,14 +47,19 @@ def export_global_encoder(global_model_path: str | os.PathLike, out_path: str | 
         CheckpointError: no global model found, or it holds no encoder weights.
         OutputError: ``out_path`` is the model, a folder, an existing file without ``force``, or cannot be written.
     """
-    from bsf.model import normalize_checkpoint_keys, save_encoder
+    from bsf.engine.stage_model import describe_checkpoint
+    from bsf.model import normalize_checkpoint_keys, read_checkpoint, save_encoder
 
     source = find_global_model(global_model_path)
     out = check_output_file(out_path, what="encoder checkpoint", inputs=[source], force=force)
-    state = normalize_checkpoint_keys(source)
+    checkpoint = read_checkpoint(source, "model")
+    description, where = describe_checkpoint(source, checkpoint)
+    if description is None:
+        log.warning("model %s: no run config says which modalities its channels are; the next stage needs "
+                    "model.pretrained_modalities set to them", source)
     with reported_write(out, what="encoder checkpoint"):
-        written = save_encoder(state, out)
-    log.info("exported the encoder of %s to %s", source, written)
+        written = save_encoder(normalize_checkpoint_keys(checkpoint), out, description=description)
+    log.info("exported the encoder of %s to %s%s", source, written, f" ({description.summary()}, from {where})" if description else "")
     return Path(written)
 
 
@@ -92,13 +97,13 @@ def export_task_model(global_model_path: str | os.PathLike, task: str, out_path:
         CheckpointError: no global model, no run config, or the model has no head of ``task`` (names the tasks it has).
     """
     from bsf.config import load_config
-    from bsf.federation.run_folders import RUN_CONFIG_FILE
+    from bsf.federation.run_folders import run_config_beside
     from bsf.federation.task_heads import for_task
     from bsf.io import atomic_torch_save
     from bsf.model import build_swin_unetr, import_weights
 
     source = find_global_model(global_model_path)
-    config_path = Path(config) if config is not None else source.parent / "config" / RUN_CONFIG_FILE
+    config_path = Path(config) if config is not None else run_config_beside(source)
     if config is None and not config_path.is_file():
         raise CheckpointError(f"model {source}: no run config beside it ({config_path}); pass the job's with --config")
     out = check_output_file(out_path, what=f"{task} model", inputs=[source], force=force)

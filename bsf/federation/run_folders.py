@@ -37,6 +37,11 @@ def best_model(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / APP_SERVER / BEST_MODEL
 
 
+def run_config_beside(model_path: str | os.PathLike) -> Path:
+    """The job's run config that a server keeps beside its global model: ``<app_server>/config/bsf_run.yaml``."""
+    return Path(model_path).parent / "config" / RUN_CONFIG_FILE
+
+
 def simulator_run(workspace: str | os.PathLike, job: str | None = None) -> Path:
     """The server run folder of a simulator workspace (``job``: the Python route's per-job folder)."""
     base = Path(workspace) / job if job else Path(workspace)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from bsf.errors import CheckpointError, ConfigError
 from bsf.io import atomic_torch_save
+from bsf.model.provenance import META_KEY, ModelDescription
 
 __all__ = [
     "ENCODER_PREFIX",
@@ -342,13 +343,17 @@ def _encoder_copy(state: Mapping[str, Tensor], origin: str) -> dict[str, Tensor]
     return {k: v.detach().to("cpu", copy=True) for k, v in encoder.items()}
 
 
-def save_encoder(model_or_state: nn.Module | Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``{"state_dict": {swinViT.*: tensor}}`` to ``path`` atomically.
+def save_encoder(
+    model_or_state: nn.Module | Mapping[str, Any], path: str | os.PathLike, description: ModelDescription | None = None
+) -> Path:
+    """Write ``{"state_dict": {swinViT.*: tensor}}`` to ``path`` atomically, with ``description`` under
+    :data:`~bsf.model.provenance.META_KEY` when given (the modality of each input channel, the stage kind, the data set).
 
     Args:
         model_or_state: a model, or a state dict / checkpoint in any layout that
             :func:`normalize_checkpoint_keys` knows.
         path: destination file; its directory is created if needed.
+        description: what the next stage needs to adapt the encoder's channels without being told.
 
     Returns:
         The written path.
@@ -357,6 +362,9 @@ def save_encoder(model_or_state: nn.Module | Mapping[str, Any], path: str | os.P
         encoder = export_encoder(model_or_state)
     else:
         encoder = _encoder_copy(normalize_checkpoint_keys(model_or_state), "state dict")
-    atomic_torch_save({"state_dict": encoder}, path)
+    saved: dict[str, Any] = {"state_dict": encoder}
+    if description is not None:
+        saved[META_KEY] = description.to_dict()
+    atomic_torch_save(saved, path)
     logger.info("saved %d encoder tensors to %s", len(encoder), path)
     return Path(path)

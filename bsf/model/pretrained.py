@@ -8,7 +8,7 @@ from typing import Sequence
 
 from torch import nn
 
-from bsf.errors import CheckpointError
+from bsf.errors import CheckpointError, ConfigError
 from bsf.model.adapt import adapt_input_channels
 from bsf.model.checkpoint import ImportReport, import_weights, normalize_checkpoint_keys, select_weights
 
@@ -37,7 +37,14 @@ def load_pretrained_encoder(
     encoder = select_weights(normalize_checkpoint_keys(path), "encoder")
     if not encoder:
         raise CheckpointError(f"pretrained encoder {path}: holds no swinViT.* weights")
-    adapted = adapt_input_channels(encoder, source_modalities, target_modalities, seed=seed)
+    try:
+        adapted = adapt_input_channels(encoder, source_modalities, target_modalities, seed=seed)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"pretrained encoder {path}: {exc}; the checkpoint does not say which modality each channel is, so set "
+            f"model.pretrained_modalities to its channels (e.g. [t1, flair] for a Stage 1 model, [flair, t1ce, t1, t2] "
+            f"for a BraTS one; a job: `bsf jobs export --pretrained-stage STAGE`), or export it again with `bsf export`"
+        ) from None
     report = import_weights(model, adapted, scope="encoder", strict=True)
     log.info("loaded pretrained encoder %s (%d tensors, %s -> %s)", path, len(report.loaded), list(source_modalities), list(target_modalities))
     return report
