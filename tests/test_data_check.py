@@ -17,7 +17,8 @@ import yaml
 from bsf.cli import main
 from bsf.config import load_config
 from bsf.data import check as check_module
-from bsf.data.check import check_cases, expected_labels
+from bsf.data.check import check_cases
+from bsf.data.labels import label_rule
 from bsf.data.index import index_dataset, read_datalist
 from bsf.data.pipeline import SampleStream, training_split
 from bsf.data.synth import synthesize
@@ -90,11 +91,11 @@ def test_headers_only_skips_voxels(brats_copy, capsys: pytest.CaptureFixture) ->
 
 
 def test_label_sets() -> None:
-    assert expected_labels("brats", "BraTS2021_00000") == {0, 1, 2, 4}
-    assert expected_labels("brats", "BraTS-GLI-00002-000") == {0, 1, 2, 3}
-    assert expected_labels("atlas", "sub-r001s001") == {0, 1}
-    assert expected_labels("ukb", "1000000") is None
-    assert expected_labels("brats", "BraTS2021_00000", [0, 1]) == {0, 1}
+    assert label_rule("brats", "BraTS2021_00000").allowed == {0, 1, 2, 4}
+    assert label_rule("brats", "BraTS-GLI-00002-000").allowed == {0, 1, 2, 3}
+    assert label_rule("atlas", "sub-r001s001").allowed == {0, 1}
+    assert label_rule("ukb", "1000000").allowed is None
+    assert label_rule("brats", "BraTS2021_00000", listed=[0, 1]).allowed == {0, 1}
 
 
 def test_brats_2023_label_4_is_an_error(sets, tmp_path: Path) -> None:

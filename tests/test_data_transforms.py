@@ -167,7 +167,7 @@ def test_cache_key_follows_every_deterministic_setting_and_only_those(cases, tmp
     assert all(preprocessing_key(_config("brats", o).data) == key for o in random_only)
     # SSL (no label) and fine-tuning (labels as regions) never share an entry, nor do two label conventions
     labelled = preprocessing_key(base, LabelsToRegionsd("brats"))
-    assert labelled != key and labelled != preprocessing_key(base, LabelsToRegionsd("brats", et_label=3))
+    assert labelled != key and labelled != preprocessing_key(base, LabelsToRegionsd("brats", label_format="brats2023"))
     # and the persistent cache writes a new entry for a changed setting instead of reusing the old one
     cache = ["data.cache=persistent", f"data.cache_dir={tmp_path}"]
     case = [{"image": cases["brats"]["image"]}]

@@ -72,7 +72,7 @@ def test_brats_2023_labels_are_detected_with_a_warning(caplog):
     assert "2023" in caplog.text
     assert regions[2].flatten()[:3].tolist() == [0, 0, 1]
     with pytest.raises(DataError, match="label"):
-        LabelsToRegionsd("brats", et_label=4, detect=False)(_label_case([1, 2, 3]))
+        LabelsToRegionsd("brats", label_format="brats2021")(_label_case([1, 2, 3]))
 
 
 def test_atlas_mask_with_other_values_is_refused():

@@ -28,7 +28,8 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from bsf.data.index import ATLAS_LABELS, BRATS21_LABELS, BRATS23_LABELS, Case, case_id
+from bsf.data.index import Case, case_id
+from bsf.data.labels import LabelRule, label_problems, label_rule
 from bsf.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -110,22 +111,6 @@ def _short(path: str, base: Path | None) -> str:
         return Path(path).relative_to(base).as_posix()
     except ValueError:
         return path
-
-
-# --------------------------------------------------------------------------------------- label sets
-def expected_labels(dataset: str | None, case: str, override: Sequence[int] | None = None) -> set[int] | None:
-    """Allowed label values of ``case``; None when any integer goes (unknown data set)."""
-    if override:
-        return set(override)
-    if dataset == "atlas" or (dataset is None and case.startswith("sub-")):
-        return set(ATLAS_LABELS)
-    if case.startswith("BraTS2021_"):
-        return set(BRATS21_LABELS)
-    if case.startswith("BraTS-"):
-        return set(BRATS23_LABELS)
-    if dataset == "brats":
-        return set(BRATS21_LABELS) | set(BRATS23_LABELS)  # unknown naming: 3 or 4 for ET, never both
-    return None
 
 
 # --------------------------------------------------------------------------------------- one file
@@ -223,8 +208,9 @@ def read_voxels(path: Path) -> np.ndarray:
     return np.asanyarray(nib.load(path).dataobj)
 
 
-def file_data_problems(path: Path, role: str, labels: set[int] | None) -> list[tuple[str, str]]:
-    """Decode one file and check its values. ``role`` is "image" or "label"."""
+def file_data_problems(path: Path, role: str, labels: LabelRule | None) -> list[tuple[str, str]]:
+    """Decode one file and check its values. ``role`` is "image" or "label" (its values checked by ``labels``,
+    :func:`bsf.data.labels.label_problems`)."""
     try:
         data = read_voxels(path)
     except Exception as exc:  # noqa: BLE001
@@ -241,12 +227,8 @@ def file_data_problems(path: Path, role: str, labels: set[int] | None) -> list[t
         return problems
     if data.dtype.kind in "fc" and not np.array_equal(data, np.round(data)):
         return [(ERROR, "label holds non-integer values")]
-    values = _distinct(data)
-    if labels is not None and not set(values) <= labels:
-        bad = sorted(set(values) - labels)
-        problems.append((ERROR, f"label values {bad} not allowed (expected a subset of {sorted(labels)})"))
-    if labels is not None and {3, 4} <= set(values):
-        problems.append((ERROR, "label holds both 3 and 4 (BraTS 2021 marks ET with 4, 2023+ with 3)"))
+    if labels is not None:
+        problems += [(ERROR, text) for text in label_problems(_distinct(data), labels)]
     return problems
 
 
@@ -297,8 +279,8 @@ def case_header_problems(case: Case, base: Path | None = None) -> list[Problem]:
     return problems
 
 
-def _tag(role: str, labels: set[int] | None) -> str:
-    return role if role == "image" or labels is None else f"{role}{sorted(labels)}"
+def _tag(role: str, labels: LabelRule | None) -> str:
+    return role if role == "image" or labels is None else f"{role}[{labels.tag}]"
 
 
 def _fmt(values: Iterable[float]) -> str:
@@ -306,7 +288,7 @@ def _fmt(values: Iterable[float]) -> str:
 
 
 def case_data_problems(
-    case: Case, base: Path | None = None, labels: set[int] | None = None, skip: Callable[[Path, str], bool] | None = None
+    case: Case, base: Path | None = None, labels: LabelRule | None = None, skip: Callable[[Path, str], bool] | None = None
 ) -> list[Problem]:
     """Data stage for one case; files for which ``skip(path, tag)`` is true (already verified) are not read."""
     name = case_id(case)
@@ -329,10 +311,14 @@ def check_cases(
     progress: bool = False,
     dataset: str | None = None,
     labels: Sequence[int] | None = None,
+    label_format: str = "auto",
     memo_dir: Path | None = None,
 ) -> CheckReport:
     """Check ``cases`` (paths relative to ``base`` or absolute): all headers, then the data of cases whose
     headers passed. Runs ``workers`` threads (nibabel's gzip decoding and numpy release the GIL).
+
+    Label values follow :func:`bsf.data.labels.label_rule` (``labels``: the values the command was given or the
+    datalist names; ``label_format``: the run config's ``finetune.label_format``).
 
     ``memo_dir``: a folder where files that passed the data stage are remembered by path, size and
     modification time, so a later check skips reading them again.
@@ -356,7 +342,7 @@ def check_cases(
 
         def run(i: int) -> list[Problem]:
             case = cases[i]
-            allowed = expected_labels(dataset, case_id(case), labels)
+            allowed = label_rule(dataset, case_id(case), label_format=label_format, listed=labels)
             found = case_data_problems(case, base, allowed, skip=memo.passed)
             if not any(p.severity == ERROR for p in found):
                 for role, rel in case_files(case):

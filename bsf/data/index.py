@@ -34,6 +34,7 @@ import nibabel as nib
 import numpy as np
 
 from bsf.data.folds import load_folds
+from bsf.data.labels import ATLAS_LABELS, BRATS21_LABELS, BRATS23_LABELS
 from bsf.data.layouts import find_atlas_subjects, find_brats_cases, find_ukb_subjects
 from bsf.errors import DataError
 
@@ -44,9 +45,6 @@ Case = dict[str, Any]
 FINDERS = {"ukb": find_ukb_subjects, "brats": find_brats_cases, "atlas": find_atlas_subjects}
 #: channel names of the "image" files, in the order the layouts list them
 MODALITIES = {"ukb": ["t1", "flair"], "brats": ["flair", "t1ce", "t1", "t2"], "atlas": ["t1"]}
-BRATS21_LABELS = [0, 1, 2, 4]
-BRATS23_LABELS = [0, 1, 2, 3]
-ATLAS_LABELS = [0, 1]
 UKB_MIN_SLICES = 100
 DEFAULT_VAL_COUNT = {"ukb": 100, "atlas": 100}
 #: problems named in a datalist's error before "... and N more"

@@ -44,24 +44,25 @@ class CaseSplit:
     val: list[Case]
 
 
-def training_split(cfg: DataConfig, seed: int) -> CaseSplit:
+def training_split(cfg: DataConfig, seed: int, label_format: str = "auto") -> CaseSplit:
     """The checked (training, validation) cases of ``cfg``: listed by :func:`bsf.data.cases.list_cases` (a datalist
     JSON, else the folder layout under ``data.root``; ``data.modalities``; ``data.fold``), then checked; without a
     validation list (a data folder, a datalist without one), ``data.val_cases`` seeded cases are held out.
 
     Paths in the result are absolute. Every case passes :func:`bsf.data.check.check_cases` (headers, and voxels
     when ``data.check`` is "full"): broken cases stop the run with a :class:`DataError` naming each file and
-    problem, or are left out and logged when ``data.skip_broken`` is set.
+    problem, or are left out and logged when ``data.skip_broken`` is set. ``label_format``: the run config's
+    ``finetune.label_format`` (:func:`bsf.data.labels.label_rule`).
     """
     cases = list_cases(cfg.dataset, datalist=cfg.datalist, root=cfg.root, modalities=cfg.modalities, fold=cfg.fold)
-    train = _checked(cases.training, cfg, cases.source, cases.labels)
+    train = _checked(cases.training, cfg, cases.source, cases.labels, label_format)
     if cases.validation is None:
         return _split(train, cfg.val_cases, seed)
-    val = _checked(cases.validation, cfg, cases.source, cases.labels, role="validation") if cases.validation else []
+    val = _checked(cases.validation, cfg, cases.source, cases.labels, label_format, role="validation") if cases.validation else []
     return CaseSplit(train, val)
 
 
-def _checked(cases: list[Case], cfg: DataConfig, where: str, labels: list[int] | None, role: str = "training") -> list[Case]:
+def _checked(cases: list[Case], cfg: DataConfig, where: str, labels: list[int] | None, label_format: str, role: str = "training") -> list[Case]:
     """``cases`` that pass the pre-training check; DataError (or, with ``skip_broken``, a logged skip) for the rest."""
     from bsf.data.check import check_cases  # local: keeps the module import light
 
@@ -71,6 +72,7 @@ def _checked(cases: list[Case], cfg: DataConfig, where: str, labels: list[int] |
         workers=max(1, cfg.num_workers),
         dataset=cfg.dataset,
         labels=labels,
+        label_format=label_format,
         memo_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
     )
     for problem in report.warnings:

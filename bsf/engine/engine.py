@@ -98,7 +98,7 @@ class Engine:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.precision == "fp16")
         self.step = 0
         self.best: dict[str, Any] | None = None
-        self.split = training_split(config.data, config.seed)
+        self.split = training_split(config.data, config.seed, config.finetune.label_format)
         self.stream = SampleStream(self.split.train, config.data, config.seed, self.task.random_transforms(), self.task.label_transform)
         self._batches: Iterator[dict[str, torch.Tensor]] | None = None
         self._val_items: list | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Hashable, Mapping
 
 import numpy as np
@@ -13,10 +14,10 @@ from monai.transforms import Compose, MapTransform
 from torch import nn
 
 from bsf.config import RunConfig
+from bsf.data.labels import check_label_values, label_rule
 from bsf.data.pipeline import validation_volumes
 from bsf.data.transforms import random_transforms
 from bsf.engine.stage_model import input_modalities, load_pretrained_if_configured
-from bsf.errors import DataError
 from bsf.inference import build_network, segment
 from bsf.metrics import BRATS_REGIONS, brats_dice, brats_regions, dice_score
 
@@ -26,14 +27,15 @@ log = logging.getLogger(__name__)
 class LabelsToRegionsd(MapTransform):
     """BraTS label map (1, X, Y, Z) -> overlapping regions (3, X, Y, Z) TC, WT, ET; ATLAS mask -> (1, X, Y, Z) {0, 1}.
 
-    BraTS: ``et_label`` 4 (2021) or 3 (2023+). With ``detect`` a case whose labels only fit the
-    other convention switches it, with a warning; otherwise unexpected values raise
-    :class:`DataError` naming the file.
+    Each map is checked on its own by the one label rule (:func:`bsf.data.labels.label_rule` from the data set, the
+    file's name and ``label_format``, the run config's ``finetune.label_format``): values it does not allow raise
+    :class:`DataError` naming that file and the setting that would accept them. A BraTS map that may use either
+    convention takes 3 as enhancing tumour when it holds 3 (with a warning), else 4.
     """
 
-    def __init__(self, dataset: str, et_label: int = 4, detect: bool = True, keys: Hashable = "label"):
+    def __init__(self, dataset: str, label_format: str = "auto", keys: Hashable = "label"):
         super().__init__(keys)
-        self.dataset, self.et_label, self.detect = dataset, et_label, detect
+        self.dataset, self.label_format = dataset, label_format
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
@@ -41,18 +43,15 @@ class LabelsToRegionsd(MapTransform):
             label = np.asarray(out[key])
             values = set(np.unique(label).astype(int).tolist())
             source = getattr(out[key], "meta", {}).get("filename_or_obj", key)
+            rule = label_rule(self.dataset, Path(str(source)).name, label_format=self.label_format)
+            check_label_values(values, rule, source)
             if self.dataset == "atlas":
-                if not values <= {0, 1}:
-                    raise DataError(f"{source}: lesion mask has values {sorted(values - {0, 1})}; expected 0/1")
                 out[key] = _like(out[key], torch.as_tensor(label > 0, dtype=torch.float32).reshape(1, *label.shape[-3:]))
                 continue
-            if self.detect and self.et_label == 4 and 3 in values and 4 not in values:
-                log.warning("%s: labels %s look like BraTS 2023+ (enhancing tumour = 3); using et_label=3", source, sorted(values))
-                self.et_label = 3
-            try:
-                regions = brats_regions(label.reshape(label.shape[-3:]), et_label=self.et_label)
-            except DataError as exc:
-                raise DataError(f"{source}: {exc}") from None
+            et = rule.et_label(values)
+            if et == 3 and 4 in (rule.allowed or ()):
+                log.warning("%s: labels %s look like BraTS 2023+ (enhancing tumour = 3); scoring ET as 3", source, sorted(values))
+            regions = brats_regions(label.reshape(label.shape[-3:]), et_label=et)
             out[key] = _like(out[key], torch.as_tensor(regions, dtype=torch.float32))
         return out
 
@@ -90,8 +89,7 @@ class SegmentationTask:
             self.criterion = DiceCELoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5)
         else:
             self.criterion = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5)
-        et = {"brats2023": 3}.get(config.finetune.label_format, 4)
-        self.label_transform = LabelsToRegionsd(self.dataset, et_label=et, detect=config.finetune.label_format == "auto")
+        self.label_transform = LabelsToRegionsd(self.dataset, label_format=config.finetune.label_format)
         self.region_names = list(BRATS_REGIONS) if self.dataset == "brats" else ["lesion"]
 
     def build_model(self) -> nn.Module:

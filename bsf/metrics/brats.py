@@ -92,7 +92,7 @@ def brats_regions(label_map: ArrayLike, et_label: int = 4) -> np.ndarray:
     if unexpected:
         raise DataError(
             f"label map has labels {unexpected} outside {{0, 1, 2, {et_label}}}; "
-            "BraTS 2021 marks enhancing tumour 4, BraTS 2023+ marks it 3 (set et_label)"
+            "BraTS 2021 marks enhancing tumour 4, BraTS 2023+ marks it 3 (pass et_label=3 for 2023+ maps)"
         )
     et = labels == et_label
     tc = (labels == 1) | et
