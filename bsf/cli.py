@@ -13,6 +13,7 @@ from bsf.config import TASKS
 from bsf.console import add_train_arguments, run_guarded
 from bsf.errors import BSFError
 from bsf.experiments.cli import add_experiment_parser
+from bsf.outputs import add_force_argument
 from bsf.pipeline.chain import add_chain_parser
 from bsf.pipeline.deploy_cli import add_deploy_parser
 from bsf.fl.jobs import add_jobs_parser
@@ -51,16 +52,19 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
     from bsf.data.synth import ScannerProfile, synthesize
 
     scanner = ScannerProfile.from_mapping(dict(parse_override(item) for item in args.scanner))
-    out = _output_folder(args.out)
+    out = Path(args.out)
     folders = synthesize(args.dataset, args.subjects, out, spacing=args.spacing, seed=args.seed, progress=True,
-                         scanner=scanner)
+                         scanner=scanner, replace=args.force)
     print(f"wrote {len(folders)} {args.dataset} subject(s) to {out} (spacing {args.spacing} mm, seed {args.seed}, {scanner})")
 
 
 def cmd_data_index(args: argparse.Namespace) -> None:
     from bsf.data.index import index_dataset
     from bsf.io import atomic_write_json
+    from bsf.outputs import check_output_file
 
+    inputs = [args.folds_file] if args.folds_file else []
+    check_output_file(args.out, what="datalist", inputs=inputs, force=args.force)
     result = index_dataset(
         args.dataset,
         args.root,
@@ -73,8 +77,10 @@ def cmd_data_index(args: argparse.Namespace) -> None:
     )
     for note in result.notes:
         print(f"note: {note}")
-    atomic_write_json(result.datalist, args.out)
     datalist = result.datalist
+    cases = datalist["training"] + datalist.get("validation", [])
+    check_output_file(args.out, what="datalist", inputs=[*inputs, *_case_paths(cases, Path(args.root))], force=args.force)
+    atomic_write_json(datalist, args.out)
     if "validation" in datalist:
         folds = f" (fold {args.fold})" if args.fold is not None else ""
         split = f"{len(datalist['training'])} training and {len(datalist['validation'])} validation{folds}"
@@ -86,11 +92,20 @@ def cmd_data_index(args: argparse.Namespace) -> None:
 def cmd_data_check(args: argparse.Namespace) -> None:
     from bsf.data.check import check_cases
     from bsf.data.index import read_datalist, without
+    from bsf.errors import OutputError
     from bsf.io import atomic_write_json
+    from bsf.outputs import FileSet, check_output_file, same_file
 
     listing = read_datalist(args.datalist, args.root)
     labels = [int(v) for v in args.labels.split(",")] if args.labels else listing.content.get("labels")
     cases = listing.all_cases
+    # the outputs, before any file is read: never the datalist or a case's file (even with --force), else new or --force
+    inputs = FileSet([args.datalist, *_case_paths(cases, listing.base)])
+    for flag, path in (("--write-clean", args.write_clean), ("--json", args.json)):
+        if path:
+            check_output_file(path, what=f"{flag} file", inputs=inputs, force=args.force)
+    if args.write_clean and args.json and same_file(args.write_clean, args.json):
+        raise OutputError(f"--write-clean {args.write_clean} and --json {args.json}: are one file; give two paths")
     report = check_cases(
         cases,
         listing.base,
@@ -122,6 +137,13 @@ def _case_id(case: dict) -> str:
     return case_id(case)
 
 
+def _case_paths(cases: Sequence[dict], base: Path) -> list[Path]:
+    """Every file (images, label) the datalist ``cases`` name, relative paths joined to ``base``."""
+    from bsf.data.check import case_files
+
+    return [Path(path) if Path(path).is_absolute() else base / path for case in cases for _, path in case_files(case)]
+
+
 def cmd_site_check(args: argparse.Namespace) -> None:
     from bsf.federation.site_check import check_site
 
@@ -138,13 +160,6 @@ def cmd_site_preflight(args: argparse.Namespace) -> None:
     print(report.text())
     if not report.ok:
         raise BSFError(f"site config {args.site_config}: this machine cannot hold job {args.config}; change the settings named above")
-
-
-def _output_folder(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise BSFError(f"output folder {out}: exists and is not a folder")
-    return out
 
 
 # ---------------------------------------------------------------------- train
@@ -198,10 +213,11 @@ def _split_overrides(inputs: Sequence[str], overrides: Sequence[str]) -> tuple[l
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from bsf.predict import check_input_paths, label_counts, predict_to_file
+    from bsf.predict import check_input_paths, check_prediction_output, label_counts, predict_to_file
 
     inputs, overrides = _split_overrides(args.input, args.overrides)
     check_input_paths(inputs)
+    check_prediction_output(args.output, inputs, force=args.force)  # before the model loads; again with the case's files
     finetuned = _finetuned(args, overrides)
     prediction = predict_to_file(finetuned, inputs, args.output, progress=not args.no_progress, force=args.force, max_voxels=_max_voxels(args))
     counts = ", ".join(f"{label}: {n}" for label, n in label_counts(prediction.labels).items())
@@ -209,18 +225,21 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from bsf.evaluate import evaluate, format_table
+    from bsf.evaluate import check_evaluation_outputs, evaluate, format_table
 
+    out = Path(args.out) if args.out else Path(args.model).parent / f"evaluate_{args.split}"
+    check_evaluation_outputs(out, inputs=[args.model, args.datalist], force=args.force)  # before the model loads
     finetuned = _finetuned(args, args.overrides)
     result = evaluate(
         finetuned,
         args.datalist,
         split=args.split,
         root=args.root,
-        out_dir=args.out,
+        out_dir=out,
         progress=not args.no_progress,
         save_predictions=args.save_predictions,
         max_voxels=_max_voxels(args),
+        force=args.force,
     )
     print(format_table(result))
     print(f"{result.summary['n']} {args.split} case(s); wrote {result.csv_path} and {result.json_path}")
@@ -291,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--scanner", nargs="+", default=[], metavar="KEY=VALUE",
                        help="a site's scanner look (bsf.data.synth.ScannerProfile), e.g. intensity_scale=1.5 "
                             "bias_strength=0.3 noise=2 resolution=6")
+    add_force_argument(synth, "write over subjects that exist in --out already (the same ids; without it they are refused)")
     synth.set_defaults(func=cmd_data_synth)
 
     index = data.add_parser("index", help="find a data set's cases in its distributed layout and write a datalist JSON")
@@ -303,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--fold", type=int, default=None, help="BraTS: fold K becomes validation, the other folds training")
     index.add_argument("--folds-file", default=None, help="BraTS: another fold file (MONAI datalist with 'fold' keys)")
     index.add_argument("--workers", type=int, default=4, help="threads reading headers")
+    add_force_argument(index, "replace --out when it already exists (never the folds file or a case's file)")
     index.set_defaults(func=cmd_data_index)
 
     check = data.add_parser("check", help="check every file of a datalist (headers, then voxels) and print a table of problems")
@@ -314,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--write-clean", default=None, metavar="OUT", help="write a datalist without the broken cases")
     check.add_argument("--json", default=None, metavar="OUT", help="write the problems as JSON")
     check.add_argument("--no-progress", action="store_true")
+    add_force_argument(check, "replace an existing --write-clean or --json file (never the datalist itself or a case's file)")
     check.set_defaults(func=cmd_data_check)
 
     site = sub.add_parser("site", help="site configuration").add_subparsers(dest="site_command", required=True)
@@ -358,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", required=True, nargs="+", metavar="CASE_DIR_OR_FILE",
                          help="a BraTS case folder (modalities found by suffix), an ATLAS T1w file or folder, or NIfTI files in the model's modality order")
     predict.add_argument("--output", required=True, help="label map to write (.nii.gz); never one of the inputs")
-    predict.add_argument("--force", action="store_true", help="replace --output when it already exists")
+    add_force_argument(predict, "replace --output when it already exists (never an input, nor the case's label or other images)")
     add_max_voxels_argument(predict)
     predict.add_argument("--no-progress", action="store_true")
     predict.set_defaults(func=cmd_predict)
@@ -369,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="validation", choices=["validation", "training", "all"])
     evaluate.add_argument("--root", default=None, help="folder the datalist's paths are relative to (default: its 'root', else its folder)")
     evaluate.add_argument("--out", default=None, help="output folder (default: MODEL_FOLDER/evaluate_SPLIT)")
+    add_force_argument(evaluate, "replace the metrics.csv, summary.json (and predictions) of an earlier evaluation in --out")
     evaluate.add_argument("--save-predictions", action="store_true",
                           help="also write each case's label map to OUT/predictions/<case id, made a safe file name>.nii.gz")
     add_max_voxels_argument(evaluate)

@@ -53,4 +53,6 @@ def path_error_message(exc: OSError) -> str:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML file or shipped preset name (see `bsf presets`)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint_last.pt when present")
+    parser.add_argument("--force", action="store_true",
+                        help="start over in a train.output_dir that holds an earlier run, replacing it (--resume continues it instead)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=200")

@@ -9,8 +9,10 @@ both label maps, and their means. ATLAS: Dice, volume difference (mm^3), simple 
 Every case's headers, label included, are checked before its voxels are read (:func:`bsf.predict.check_headers`).
 With ``save_predictions`` each label map is written to ``<out>/predictions/<name>.nii.gz``, ``<name>`` derived from
 the case id by :func:`bsf.outputs.safe_file_name` (a case id holding ``/``, ``..`` or odd characters is cleaned
-and hashed) and checked to stay inside that folder and to be none of the data set's files. The output folder
-is this command's own: ``metrics.csv``, ``summary.json`` and predictions from an earlier run are replaced.
+and hashed) and checked to stay inside that folder and to be none of the data set's files. Every output is checked
+before any work (:func:`check_evaluation_outputs`): ``metrics.csv``, ``summary.json`` and predictions of an earlier
+evaluation in the folder are replaced only with ``force`` (``bsf evaluate --force``), and none of them may be an
+input (the model, its config file, the datalist, a case's image or label), even with ``force``.
 """
 
 from __future__ import annotations
@@ -33,17 +35,19 @@ from tqdm import tqdm
 from bsf.data.cases import fold_split, list_cases
 from bsf.data.check import case_files
 from bsf.data.index import case_id
+from bsf.data.labels import LabelRule, check_label_values, label_rule
 from bsf.errors import DataError, OutputError
 from bsf.io import atomic_path, atomic_write_json
 from bsf.metrics import BRATS_REGIONS, brats_dice, brats_hd95, brats_regions, lesion_metrics
-from bsf.outputs import check_output_folder, inside, reported_write, safe_file_name, same_file
+from bsf.outputs import FileSet, check_output_files, check_output_folder, inside, reported_write, safe_file_name
 from bsf.predict import DEFAULT_MAX_VOXELS, CaseInputs, FinetunedModel, check_headers, predict_case, save_label_map
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "evaluate", "metric_names", "format_table"]
+__all__ = ["Evaluation", "check_evaluation_outputs", "evaluate", "metric_names", "format_table", "prediction_paths"]
 
 SPLITS = ("validation", "training", "all")
+CSV, SUMMARY, PREDICTIONS = "metrics.csv", "summary.json", "predictions"
 
 
 def metric_names(dataset: str) -> list[str]:
@@ -94,12 +98,12 @@ def _truth(path: Path) -> np.ndarray:
     return data.astype(np.int64)
 
 
-def _et_label(finetuned: FinetunedModel, truth: np.ndarray) -> int:
-    fmt = finetuned.config.finetune.label_format
-    if fmt != "auto":
-        return 3 if fmt == "brats2023" else 4
-    values = set(np.unique(truth).tolist())
-    return 3 if 3 in values and 4 not in values else 4
+def _label_rule(finetuned: FinetunedModel, case: dict, label_path: Path, truth: np.ndarray) -> LabelRule:
+    """The case's label rule (:func:`bsf.data.labels.label_rule`, the model's ``finetune.label_format``), after
+    checking ``truth`` against it: values it does not allow raise :class:`DataError` naming the label file."""
+    rule = label_rule(finetuned.dataset, case_id(case), label_format=finetuned.config.finetune.label_format)
+    check_label_values(np.unique(truth).tolist(), rule, label_path)
+    return rule
 
 
 def _score_case(finetuned: FinetunedModel, case: dict, max_voxels: int) -> tuple[dict[str, float], Any]:
@@ -109,21 +113,16 @@ def _score_case(finetuned: FinetunedModel, case: dict, max_voxels: int) -> tuple
     reference = check_headers(inputs.files, label_path, max_voxels=max_voxels, case=case_id(case))
     truth = _truth(label_path)
     spacing = tuple(float(z) for z in reference.header.get_zooms()[:3])
+    rule = _label_rule(finetuned, case, label_path, truth)
     if finetuned.dataset == "brats":
-        et = _et_label(finetuned, truth)
-        try:
-            true_regions = brats_regions(truth, et_label=et)
-        except DataError as exc:
-            raise DataError(f"label file {label_path}: {exc}") from None
+        et = rule.et_label(np.unique(truth).tolist())
+        true_regions = brats_regions(truth, et_label=et)
         prediction = predict_case(finetuned, inputs, et_label=et, max_voxels=max_voxels)
         pred_regions = brats_regions(prediction.labels, et_label=et)
         dice = brats_dice(pred_regions, true_regions)
         hd = brats_hd95(pred_regions, true_regions, spacing)
         row = {f"dice_{k}": v for k, v in dice.items()} | {f"hd95_{k}": v for k, v in hd.items()}
     else:
-        values = set(np.unique(truth).tolist())
-        if not values <= {0, 1}:
-            raise DataError(f"label file {label_path}: lesion mask has values {sorted(values - {0, 1})}; expected 0/1")
         prediction = predict_case(finetuned, inputs, max_voxels=max_voxels)
         m = lesion_metrics(prediction.labels > 0, truth > 0, spacing)
         row = {
@@ -142,7 +141,7 @@ def prediction_paths(cases: Sequence[dict], folder: Path) -> list[Path]:
         OutputError: two cases would share a file, a path resolves outside ``folder`` (a symbolic link planted
             there), or a path is one of the cases' own files (images or labels).
     """
-    sources = [Path(path) for case in cases for _, path in case_files(case)]
+    sources = FileSet(_case_paths(cases))
     paths, owners = [], {}
     for case in cases:
         name = case_id(case)
@@ -150,11 +149,38 @@ def prediction_paths(cases: Sequence[dict], folder: Path) -> list[Path]:
         if path.name in owners:
             raise OutputError(f"cases {owners[path.name]!r} and {name!r} would both write the prediction {path}; give them distinct ids")
         owners[path.name] = name
-        clash = next((source for source in sources if same_file(path, source)), None)
+        clash = sources.find(path)
         if clash is not None:
             raise OutputError(f"case {name!r}: its prediction {path} is the data file {clash}; choose another --out")
         paths.append(path)
     return paths
+
+
+def _case_paths(cases: Sequence[dict]) -> list[Path]:
+    return [Path(path) for case in cases for _, path in case_files(case)]
+
+
+def check_evaluation_outputs(
+    out: str | os.PathLike,
+    *,
+    inputs: Sequence[str | os.PathLike] = (),
+    cases: Sequence[dict] = (),
+    save_predictions: bool = False,
+    force: bool = False,
+) -> list[Path]:
+    """The files an evaluation writes into ``out``, checked before any work; returns the prediction paths (with
+    ``save_predictions``, one per case: :func:`prediction_paths`).
+
+    Raises:
+        OutputError: naming the path: ``out`` is a file or cannot be made; an output is one of ``inputs`` (the
+            model, its config, the datalist) or of the cases' files, even with ``force``; or, without ``force``,
+            ``metrics.csv``, ``summary.json`` or a prediction exists already (an earlier evaluation).
+    """
+    folder = check_output_folder(out, what="evaluation folder", inputs=inputs, reuse=True)
+    predictions = prediction_paths(cases, folder / PREDICTIONS) if save_predictions else []
+    check_output_files([folder / CSV, folder / SUMMARY, *predictions], what="evaluation output",
+                       inputs=[*inputs, *_case_paths(cases)], force=force)
+    return predictions
 
 
 def _statistics(values: Sequence[float]) -> dict[str, float]:
@@ -182,6 +208,7 @@ def evaluate(
     progress: bool = True,
     save_predictions: bool = False,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    force: bool = False,
 ) -> Evaluation:
     """Score ``finetuned`` on the ``split`` cases of ``datalist``; write ``metrics.csv`` and ``summary.json``.
 
@@ -193,15 +220,18 @@ def evaluate(
         save_predictions: also write each case's label map to ``out_dir/predictions/<name>.nii.gz`` (see the module
             docstring for how ``<name>`` is derived from the case id).
         max_voxels: the most voxels an input or label file may have (checked on its header before it is read).
+        force: replace the files of an earlier evaluation in ``out_dir`` (:func:`check_evaluation_outputs`).
 
     The summary JSON holds ``n``, and per metric ``mean``, ``std`` (population, ddof 0), ``min``, ``max``.
     """
     started = time.perf_counter()
     cases, datalist_path = _cases(finetuned, datalist, split, root)
     out = Path(out_dir) if out_dir is not None else finetuned.path.parent / f"evaluate_{split}"
-    check_output_folder(out, reuse=True)
-    csv_path, json_path = out / "metrics.csv", out / "summary.json"
-    outputs = prediction_paths(cases, out / "predictions") if save_predictions else [None] * len(cases)
+    config_file = [Path(finetuned.config_source)] if Path(finetuned.config_source).is_file() else []
+    predictions = check_evaluation_outputs(out, inputs=[finetuned.path, *config_file, datalist_path], cases=cases,
+                                           save_predictions=save_predictions, force=force)
+    csv_path, json_path = out / CSV, out / SUMMARY
+    outputs = predictions or [None] * len(cases)
     columns = ["case", *metric_names(finetuned.dataset)]
     rows = []
     for case, output in zip(tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not progress), outputs):
@@ -279,7 +309,7 @@ def predict_validation_case(run_config: str | Path, data_root: str | Path, globa
     log.info("overlay model: %s", report.summary().splitlines()[0])
     model.eval()
     segmentation = build_task(config)
-    split = training_split(config.data, config.seed)
+    split = training_split(config.data, config.seed, config.finetune.label_format)
     if not split.val:
         raise ValueError(f"{data_root}: no validation case")
     item = segmentation.validation_items(split.val[:1])[0]

@@ -15,7 +15,8 @@ resample is inverted by nearest-neighbour interpolation).
 Before any voxel is read, every input's header is checked (:func:`check_headers`: readable NIfTI, 3-D, sane spacing
 and affine, not truncated, one grid, real numbers, at most ``max_voxels`` voxels), so a header claiming gigabytes
 fails with its file named before memory is committed. The output is checked before the work too
-(:func:`bsf.outputs.check_output_file`): never one of the inputs, and an existing file only with ``force``.
+(:func:`check_prediction_output`): never one of the inputs nor one of the case's own files beside them (its label,
+its other modalities: :func:`case_own_files`), even with ``force``, and an existing file only with ``force``.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ __all__ = [
     "CaseInputs",
     "FinetunedModel",
     "Prediction",
+    "case_own_files",
     "check_input_paths",
     "check_headers",
+    "check_prediction_output",
     "inference_transforms",
     "load_finetuned",
     "predict_case",
@@ -76,6 +79,9 @@ BRATS_FILE_SUFFIXES: dict[str, tuple[str, str]] = {
 }
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 ATLAS_T1W = "_T1w"
+#: how the name (before .nii/.nii.gz, after a "_" or "-") of a case's own file ends: a BraTS modality (2021 and 2023+
+#: names), the ATLAS T1w, or a label (BraTS ``_seg``, ATLAS ``_label-L_desc-T1lesion_mask``, ``_label``)
+CASE_FILE_ENDINGS = (*(name for names in BRATS_FILE_SUFFIXES.values() for name in names), "t1w", "seg", "mask", "label", "labels")
 #: where :func:`load_finetuned` looks, beside the model file, for the config of a weights-only checkpoint
 CONFIG_NEIGHBOURS = ("checkpoint_last.pt", "summary.json", "config/bsf_run.yaml")
 #: most voxels per input file a reader accepts (``--max-voxels``): 2**26 = 67 million, e.g. 406^3, 7.5 times a BraTS
@@ -278,6 +284,40 @@ def _atlas_folder(folder: Path) -> CaseInputs:
         what = "no" if not found else f"{len(found)}"
         raise DataError(f"case folder {folder}: {what} T1w image(s) (*{ATLAS_T1W}.nii.gz){'' if not found else '; give the file explicitly'}")
     return CaseInputs(found)
+
+
+def _plain_path(item: str | os.PathLike) -> Path:
+    named = _named_input(item)
+    return named[1] if named is not None else Path(item)
+
+
+def case_own_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The case's own NIfTI files around ``inputs`` that a prediction never replaces: below an input folder, and
+    beside an input file, each file whose name ends in ``_X`` or ``-X`` with ``X`` one of :data:`CASE_FILE_ENDINGS`
+    (its label, its other modalities; another name, e.g. an earlier ``_pred.nii.gz``, is not one)."""
+    endings = tuple(f"{sep}{name}" for name in CASE_FILE_ENDINGS for sep in "_-")
+    found: list[Path] = []
+    for path in map(_plain_path, inputs):
+        candidates = path.rglob("*.nii*") if path.is_dir() else path.parent.glob("*.nii*") if path.is_file() else []
+        found += [p for p in candidates if _is_nifti(p) and _stem(p).lower().endswith(endings) and p.is_file()]
+    return found
+
+
+def check_prediction_output(
+    output: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, case: CaseInputs | None = None, force: bool = False
+) -> Path:
+    """``output`` as the label map to write for the case ``inputs`` (and its resolved ``case``), before any work.
+
+    Raises:
+        DataError: ``output`` does not end in ``.nii.gz`` or ``.nii``.
+        OutputError: ``output`` is one of the inputs or one of the case's own files (:func:`case_own_files`), even with
+            ``force``; a folder; an existing file without ``force``; or in a folder that cannot be created.
+    """
+    output = Path(output)
+    if not output.name.lower().endswith(NIFTI_EXTENSIONS):
+        raise DataError(f"output {output}: must end in .nii.gz or .nii")
+    given = [*(case.files if case is not None else []), *map(_plain_path, inputs)]
+    return check_output_file(output, inputs=given, keep=case_own_files(given), force=force)
 
 
 def check_input_paths(inputs: Sequence[str | os.PathLike]) -> None:
@@ -493,19 +533,16 @@ def predict_to_file(
 ) -> Prediction:
     """``bsf predict``: resolve the inputs, segment, write the label map to ``output`` (atomically).
 
-    ``output`` is checked before the work (:func:`bsf.outputs.check_output_file`): it must end in ``.nii.gz`` or
-    ``.nii``, must not be one of the inputs (refused even with ``force``), and an existing file is replaced only
-    with ``force`` (``bsf predict --force``).
+    ``output`` is checked before the work (:func:`check_prediction_output`): it must end in ``.nii.gz`` or
+    ``.nii``, must not be one of the inputs nor of the case's own files (its label, its other images; refused even
+    with ``force``), and an existing file is replaced only with ``force`` (``bsf predict --force``).
 
     Raises:
         OutputError: the output cannot be written safely (see above), or writing it failed.
         DataError: an input is missing or its header fails :func:`check_headers`.
     """
-    output = Path(output)
-    if not output.name.lower().endswith(NIFTI_EXTENSIONS):
-        raise DataError(f"output {output}: must end in .nii.gz or .nii")
     case = resolve_inputs(inputs, finetuned.config)
-    check_output_file(output, inputs=[*case.files, *inputs], force=force)
+    output = check_prediction_output(output, inputs, case=case, force=force)
     for modality, path in zip(case.modalities or finetuned.modalities, case.files):
         log.info("input %s: %s", modality, path)
     prediction = predict_case(finetuned, case, progress=progress, max_voxels=max_voxels)

@@ -7,6 +7,11 @@ Writes into ``train.output_dir``:
 - ``checkpoint_best.pt``: ``{"model": state_dict, "step", "metrics"}`` at the best validation metric,
 - ``summary.json``: per-step losses and validation history of the whole run, timings, and the paths above,
 - ``tb/``: TensorBoard scalars.
+
+A folder that holds an earlier run (any of these) is never replaced by surprise (:func:`check_run_folder`, before
+any work): ``--resume`` continues that run, ``--force`` starts over and replaces it (the earlier run's files are
+removed once the new run is set up, so no stale ``checkpoint_best.pt`` or TensorBoard curve survives). A fresh or
+empty folder, or one holding only other files, needs neither.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +34,16 @@ from tqdm import tqdm
 from bsf.config import RunConfig, load_config
 from bsf.console import add_train_arguments, run_guarded
 from bsf.engine import Engine, resolve_device
-from bsf.errors import BSFError, CheckpointError, ConfigError
+from bsf.errors import BSFError, CheckpointError, ConfigError, OutputError
 from bsf.io import atomic_torch_save, atomic_write_json
+from bsf.outputs import check_output_folder, existing_outputs
 
 log = logging.getLogger(__name__)
 
 LAST, BEST, SUMMARY, RUN_LOG = "checkpoint_last.pt", "checkpoint_best.pt", "summary.json", "run_log.json"
+TENSORBOARD = "tb"
+#: what a run writes into ``train.output_dir`` (files, then the TensorBoard folder)
+RUN_FILES = (LAST, BEST, SUMMARY, RUN_LOG)
 
 
 class TrainingDiverged(BSFError):
@@ -72,6 +82,58 @@ def prepare_output_dir(path: str) -> Path:
     return out
 
 
+def earlier_run(path: str | os.PathLike) -> list[Path]:
+    """What an earlier run left in ``path``: those of :data:`RUN_FILES` that exist, and ``tb/`` when it holds events."""
+    out = Path(path)
+    found = existing_outputs(out / name for name in RUN_FILES)
+    board = out / TENSORBOARD
+    if board.is_dir() and any(board.iterdir()):
+        found.append(board)
+    return found
+
+
+def check_run_folder(path: str | os.PathLike, *, resume: bool = False, force: bool = False) -> list[Path]:
+    """Check ``train.output_dir`` before any work; returns the earlier run's files this run replaces (with ``force``).
+
+    Refused (OutputError naming the folder): a file where the folder should be, a folder where the run writes a
+    file, ``resume`` and ``force`` together, and a folder holding an earlier run (:func:`earlier_run`) unless
+    ``resume`` (continue it: needs its ``checkpoint_last.pt``) or ``force`` (start over, replacing it).
+    """
+    out = check_output_folder(path, what="train.output_dir", reuse=True)
+    for name in RUN_FILES:
+        if (out / name).is_dir():
+            raise OutputError(f"train.output_dir {out}: {out / name} is a folder where the run writes a file; move it away")
+    board = out / TENSORBOARD
+    if (board.exists() or board.is_symlink()) and not board.is_dir():
+        raise OutputError(f"train.output_dir {out}: {board} is not a folder, where the run writes its TensorBoard folder; move it away")
+    earlier = earlier_run(out)
+    names = ", ".join(p.name + ("/" if p.name == TENSORBOARD else "") for p in earlier)
+    if resume and force:
+        raise OutputError(f"train.output_dir {out}: --resume continues the run there and --force starts over, replacing it; "
+                          "give one of them")
+    if force:
+        return earlier
+    if not earlier:
+        return []
+    if not resume:
+        raise OutputError(f"train.output_dir {out}: holds an earlier run ({names}); pass --resume to continue that run, "
+                          "or --force to start over, replacing it")
+    if not (out / LAST).is_file():
+        raise OutputError(f"train.output_dir {out}: holds an earlier run ({names}) but no {LAST} for --resume to continue "
+                          "from; pass --force to start over, replacing it")
+    return []
+
+
+def _remove_earlier_run(out: Path) -> None:
+    """Remove what an earlier run left in ``out`` (``--force``: start over), logging each path."""
+    for path in earlier_run(out):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        log.warning("start over (--force): removed %s of an earlier run", path)
+
+
 @dataclass
 class RunLog:
     """What a run reports: one record per step and per validation."""
@@ -97,20 +159,27 @@ class RunLog:
             raise CheckpointError(f"{path}: not a run log of this project ({exc}); remove it to resume without the earlier records") from None
 
 
-def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Run ``config.train.steps`` optimiser steps (continuing a previous run when ``resume``); return the summary."""
+def train(config: RunConfig, *, resume: bool = False, start_over: bool = False) -> dict[str, Any]:
+    """Run ``config.train.steps`` optimiser steps (continuing a previous run when ``resume``); return the summary.
+
+    ``start_over``: remove an earlier run's files from ``train.output_dir`` (:func:`earlier_run`) once the engine is
+    set up, before the first step (``--force``). Nothing here refuses a folder: :func:`check_run_folder` does,
+    before, for ``bsf train``.
+    """
     ctx = init_distributed(config.train.device)
     try:
-        return _train(config, ctx, resume)
+        return _train(config, ctx, resume, start_over)
     finally:
         if ctx.world_size > 1:
             dist.destroy_process_group()
 
 
-def _train(config: RunConfig, ctx: DistributedContext, resume: bool) -> dict[str, Any]:
+def _train(config: RunConfig, ctx: DistributedContext, resume: bool, start_over: bool = False) -> dict[str, Any]:
     out = prepare_output_dir(config.train.output_dir)
     device = resolve_device(config.train.device, ctx.local_rank)
     engine = Engine(config, rank=ctx.rank, world_size=ctx.world_size, device=device)
+    if start_over and ctx.is_main:
+        _remove_earlier_run(out)
     run_log = RunLog()
     if resume and (out / LAST).exists():
         engine.load_checkpoint(out / LAST)
@@ -185,8 +254,10 @@ def _summary(config: RunConfig, engine: Engine, run_log: RunLog, out: Path, seco
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``bsf train`` / ``torchrun -m bsf.train``: the config, the run folder checked (every rank, before any work), the run."""
     config = load_config(args.config, args.overrides)
-    return train(config, resume=args.resume)
+    check_run_folder(config.train.output_dir, resume=args.resume, force=args.force)
+    return train(config, resume=args.resume, start_over=args.force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,10 @@ Rician noise, and zero outside the brain (skull-stripped). Subject ``i`` uses
 
 A :class:`ScannerProfile` makes one site's images look like another scanner's (intensity scale, bias-field
 strength, noise level, resolution); its defaults give the usual output bit for bit.
+
+Subjects are written under the real data sets' ids (``BraTS2021_00000``, ...), so a folder that already holds one
+of them (a real data set, or an earlier synthetic one) is refused before any work unless the caller says
+``replace=True`` (``bsf data synth --force``); see :func:`check_synth_output`.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from tqdm import tqdm
 
 from bsf.data.anatomy import Anatomy, Grid, bias_field, load_template, rician_noise, sample_anatomy
 from bsf.data.lesions import EDEMA, ENHANCING, NECROTIC_CORE, stroke_mask, tumour_labels
-from bsf.errors import ConfigError, DataError
+from bsf.errors import ConfigError, DataError, OutputError
 from bsf.io import atomic_path
+from bsf.outputs import check_output_files, check_output_folder, existing_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -202,46 +207,101 @@ def write_nifti(data: np.ndarray, grid: Grid, path: Path, space: str) -> None:
         stream.write(image.to_bytes())
 
 
-def _write_ukb(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path, scanner: ScannerProfile) -> Path:
-    """``<id>_20252_2_0/T1/T1_brain_to_MNI.nii.gz`` and ``<id>_20253_2_0/T2_FLAIR/...``; returns the T1 folder."""
-    anatomy = sample_anatomy(grid, rng)
+@dataclass(frozen=True)
+class SubjectFiles:
+    """Where one synthetic subject goes: its id, its own folders (one that exists means the subject exists) and files."""
+
+    name: str
+    folders: tuple[Path, ...]
+    files: tuple[Path, ...]
+
+
+def _ukb_files(index: int, out_dir: Path) -> SubjectFiles:
+    """``<id>_20252_2_0/T1/T1_brain_to_MNI.nii.gz`` and ``<id>_20253_2_0/T2_FLAIR/T2_FLAIR_brain_to_MNI.nii.gz``."""
     eid = 1_000_000 + index
-    t1_dir = out_dir / f"{eid}_20252_2_0"
-    look = {"scanner": scanner, "spacing": grid.spacing}
-    write_nifti(render(anatomy, T1, rng, **look), grid, t1_dir / "T1" / "T1_brain_to_MNI.nii.gz", "mni")
-    flair_path = out_dir / f"{eid}_20253_2_0" / "T2_FLAIR" / "T2_FLAIR_brain_to_MNI.nii.gz"
-    write_nifti(render(anatomy, FLAIR, rng, **look), grid, flair_path, "mni")
-    return t1_dir
+    t1_dir, flair_dir = out_dir / f"{eid}_20252_2_0", out_dir / f"{eid}_20253_2_0"
+    return SubjectFiles(str(eid), (t1_dir, flair_dir),
+                        (t1_dir / "T1" / "T1_brain_to_MNI.nii.gz", flair_dir / "T2_FLAIR" / "T2_FLAIR_brain_to_MNI.nii.gz"))
 
 
-def _write_brats(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path, scanner: ScannerProfile) -> Path:
-    """``BraTS2021_<5 digits>/BraTS2021_<5 digits>_{flair,t1ce,t1,t2,seg}.nii.gz``; returns the case folder."""
-    anatomy = sample_anatomy(grid, rng)
-    labels = tumour_labels(anatomy, grid.spacing, rng)
+def _brats_files(index: int, out_dir: Path) -> SubjectFiles:
+    """``BraTS2021_<5 digits>/BraTS2021_<5 digits>_{flair,t1ce,t1,t2,seg}.nii.gz``."""
     case = f"BraTS2021_{index:05d}"
     case_dir = out_dir / case
-    for modality, contrast in BRATS_CONTRASTS.items():
-        image = render(anatomy, contrast, rng, labels, TUMOUR_INTENSITY[modality], scanner, grid.spacing)
-        write_nifti(image, grid, case_dir / f"{case}_{modality}.nii.gz", "scanner")
-    write_nifti(labels, grid, case_dir / f"{case}_seg.nii.gz", "scanner")
-    return case_dir
+    return SubjectFiles(case, (case_dir,), tuple(case_dir / f"{case}_{m}.nii.gz" for m in (*BRATS_CONTRASTS, "seg")))
 
 
-def _write_atlas(index: int, grid: Grid, rng: np.random.Generator, out_dir: Path, scanner: ScannerProfile) -> Path:
-    """``ATLAS_2/Training/R<site>/sub-r<site>s<3 digits>/ses-1/anat/...`` (999 subjects per site)."""
+def _atlas_files(index: int, out_dir: Path) -> SubjectFiles:
+    """``ATLAS_2/Training/R<site>/sub-r<site>s<3 digits>/ses-1/anat/..._{T1w,label-L_desc-T1lesion_mask}.nii.gz``
+    (999 subjects per site)."""
     site, number = index // 999 + 1, index % 999 + 1
     subject = f"sub-r{site:03d}s{number:03d}"
     subject_dir = out_dir / "ATLAS_2" / "Training" / f"R{site:03d}" / subject
     prefix = subject_dir / "ses-1" / "anat" / f"{subject}_ses-1_space-MNI152NLin2009aSym"
+    return SubjectFiles(subject, (subject_dir,), (Path(f"{prefix}_T1w.nii.gz"), Path(f"{prefix}_label-L_desc-T1lesion_mask.nii.gz")))
+
+
+_FILES: Mapping[str, Callable[[int, Path], SubjectFiles]] = {"ukb": _ukb_files, "brats": _brats_files, "atlas": _atlas_files}
+
+
+def subject_files(dataset: str, index: int, out_dir: str | Path) -> SubjectFiles:
+    """Where subject ``index`` of synthetic ``dataset`` goes under ``out_dir`` (nothing is written)."""
+    return _FILES[dataset](index, Path(out_dir))
+
+
+def check_synth_output(dataset: str, n_subjects: int, out_dir: str | Path, *, replace: bool = False) -> list[SubjectFiles]:
+    """Where :func:`synthesize` would write, checked before any work.
+
+    Raises:
+        OutputError: naming the path: ``out_dir`` is a file or cannot be created, a folder stands where a file goes,
+            or (unless ``replace``) a subject to write exists already (its folder, or one of its files).
+    """
+    out = check_output_folder(out_dir, what="output folder", reuse=True)
+    plans = [subject_files(dataset, index, out) for index in range(n_subjects)]
+    check_output_files([path for plan in plans for path in plan.files], what=f"{dataset} subject file", force=True)
+    if not replace:
+        taken = [plan for plan in plans if existing_outputs([*plan.folders, *plan.files])]
+        if taken:
+            shown = ", ".join(str(plan.folders[0]) for plan in taken[:3]) + (", ..." if len(taken) > 3 else "")
+            raise OutputError(f"output folder {out}: already holds {len(taken)} of the {n_subjects} {dataset} subject(s) to write "
+                              f"({shown}); pass --force to replace them")
+    return plans
+
+
+def _write_ukb(files: SubjectFiles, grid: Grid, rng: np.random.Generator, scanner: ScannerProfile) -> Path:
+    """T1w and FLAIR of one subject; returns the T1 folder."""
+    anatomy = sample_anatomy(grid, rng)
+    t1_path, flair_path = files.files
+    look = {"scanner": scanner, "spacing": grid.spacing}
+    write_nifti(render(anatomy, T1, rng, **look), grid, t1_path, "mni")
+    write_nifti(render(anatomy, FLAIR, rng, **look), grid, flair_path, "mni")
+    return files.folders[0]
+
+
+def _write_brats(files: SubjectFiles, grid: Grid, rng: np.random.Generator, scanner: ScannerProfile) -> Path:
+    """The four modalities and the tumour labels of one case; returns the case folder."""
+    anatomy = sample_anatomy(grid, rng)
+    labels = tumour_labels(anatomy, grid.spacing, rng)
+    *images, seg = files.files
+    for (modality, contrast), path in zip(BRATS_CONTRASTS.items(), images):
+        image = render(anatomy, contrast, rng, labels, TUMOUR_INTENSITY[modality], scanner, grid.spacing)
+        write_nifti(image, grid, path, "scanner")
+    write_nifti(labels, grid, seg, "scanner")
+    return files.folders[0]
+
+
+def _write_atlas(files: SubjectFiles, grid: Grid, rng: np.random.Generator, scanner: ScannerProfile) -> Path:
+    """T1w and stroke-lesion mask of one subject; returns the subject folder."""
     anatomy = sample_anatomy(grid, rng)
     lesion = stroke_mask(anatomy, grid, rng)
     image = render(anatomy, T1, rng, lesion, STROKE_T1_INTENSITY, scanner, grid.spacing)
-    write_nifti(image, grid, Path(f"{prefix}_T1w.nii.gz"), "mni")
-    write_nifti(lesion, grid, Path(f"{prefix}_label-L_desc-T1lesion_mask.nii.gz"), "mni")
-    return subject_dir
+    t1w, mask = files.files
+    write_nifti(image, grid, t1w, "mni")
+    write_nifti(lesion, grid, mask, "mni")
+    return files.folders[0]
 
 
-_WRITERS: Mapping[str, Callable[[int, Grid, np.random.Generator, Path, ScannerProfile], Path]] = {
+_WRITERS: Mapping[str, Callable[[SubjectFiles, Grid, np.random.Generator, ScannerProfile], Path]] = {
     "ukb": _write_ukb,
     "brats": _write_brats,
     "atlas": _write_atlas,
@@ -257,12 +317,16 @@ def synthesize(
     seed: int = 0,
     progress: bool = False,
     scanner: ScannerProfile = DEFAULT_SCANNER,
+    replace: bool = True,
 ) -> list[Path]:
     """Write ``n_subjects`` synthetic subjects of ``dataset`` ("ukb", "brats" or "atlas") under ``out_dir``.
 
     Volumes have isotropic ``spacing`` mm voxels over the data set's usual field of view, rendered as
     ``scanner`` sets (the default: the usual output). Returns one folder per subject (for UKB the
     ``<id>_20252_2_0`` folder; its FLAIR lives in ``<id>_20253_2_0``).
+
+    ``replace``: write over subjects that exist already (the default, for callers that own ``out_dir``); ``False``
+    refuses them before any work (:func:`check_synth_output`), as ``bsf data synth`` does without ``--force``.
     """
     out_dir = Path(out_dir)
     if dataset not in _WRITERS:
@@ -273,9 +337,10 @@ def synthesize(
         raise ConfigError(f"spacing must be between 0.5 and 8 mm, got {spacing}")
     if not isinstance(scanner, ScannerProfile):
         raise ConfigError(f"scanner must be a ScannerProfile, got {type(scanner).__name__}")
+    plans = check_synth_output(dataset, n_subjects, out_dir, replace=replace)
     grid = output_grid(dataset, spacing)
     written = [
-        _WRITERS[dataset](index, grid, np.random.default_rng([seed, index]), out_dir, scanner)
+        _WRITERS[dataset](plans[index], grid, np.random.default_rng([seed, index]), scanner)
         for index in tqdm(range(n_subjects), desc=f"synthesize {dataset}", unit="subject", disable=not progress)
     ]
     logger.info(

@@ -58,7 +58,7 @@ def export_global_encoder(global_model_path: str | os.PathLike, out_path: str | 
         log.warning("model %s: no run config says which modalities its channels are; the next stage needs "
                     "model.pretrained_modalities set to them", source)
     with reported_write(out, what="encoder checkpoint"):
-        written = save_encoder(normalize_checkpoint_keys(checkpoint), out, description=description)
+        written = save_encoder(normalize_checkpoint_keys(checkpoint, origin=str(source)), out, description=description)
     log.info("exported the encoder of %s to %s%s", source, written, f" ({description.summary()}, from {where})" if description else "")
     return Path(written)
 

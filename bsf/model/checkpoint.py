@@ -205,11 +205,11 @@ def _normalize_key(key: str) -> str:
     return key
 
 
-def normalize_checkpoint_keys(obj: CheckpointSource) -> dict[str, Tensor]:
+def normalize_checkpoint_keys(obj: CheckpointSource, origin: str | None = None) -> dict[str, Tensor]:
     """Read a checkpoint and return its state dict in this project's key layout.
 
     ``obj`` is a path (loaded with ``torch.load(weights_only=True, map_location="cpu")``) or an
-    already-loaded object. Wrappers are peeled first: ``{"state_dict": sd, ...}`` and
+    already-loaded object (``origin``: the file it came from, named in errors). Wrappers are peeled first: ``{"state_dict": sd, ...}`` and
     ``{"model": sd, ...}`` (NVFlare persistor); a bare state dict is used as is.
     Then each key is mapped::
 
@@ -235,7 +235,7 @@ def normalize_checkpoint_keys(obj: CheckpointSource) -> dict[str, Tensor]:
         CheckpointError: unreadable file, a non-tensor entry, two keys mapping to the same key, or a
             floating tensor holding NaN/Inf (named, with the file).
     """
-    origin = os.fspath(obj) if isinstance(obj, (str, os.PathLike)) else "checkpoint"
+    origin = origin or (os.fspath(obj) if isinstance(obj, (str, os.PathLike)) else "checkpoint")
     loaded = read_checkpoint(obj) if isinstance(obj, (str, os.PathLike)) else obj
     state = _unwrap(loaded, origin)
     out: dict[str, Tensor] = {}
