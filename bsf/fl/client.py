@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bsf.config import RunConfig
-from bsf.errors import ConfigError
-from bsf.federation.preflight import PreflightError, run_preflight
+from bsf.errors import BSFError, ConfigError
+from bsf.federation.preflight import run_preflight
 from bsf.federation.run_folders import RUN_CONFIG_FILE
 from bsf.federation.site_config import load_with_site, prepare_site_data, resolve_site
 from bsf.federation.site_trainer import SiteTrainer
@@ -101,12 +101,14 @@ def main() -> None:
     flare.init()
     site = flare.get_site_name()
     paths = SitePaths.from_script(sys.argv[0])
-    config = site_run_config(site, paths)
-    try:  # before the engine loads (and caches) any data: a job this machine cannot hold stops here
+    try:  # before the engine loads (and caches) any data: a site configuration error, or a job this machine
+        # cannot hold, stops here with one line; the trainer ends and NVFlare fails each task of this site
+        # ("in-process trainer is no longer available") without a traceback
+        config = site_run_config(site, paths)
         run_preflight(config)
-    except PreflightError as exc:
+    except BSFError as exc:
         log.error("site %s: CANNOT START: %s", site, exc)
-        raise
+        raise SystemExit(2) from None
     settings = config.federation
     engine = make_engine(config)
     writer = SummaryWriter()
