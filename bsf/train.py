@@ -4,14 +4,17 @@ Writes into ``train.output_dir``:
 - ``checkpoint_last.pt``: full resumable engine state (atomic),
 - ``run_log.json``: the loss and validation records up to ``checkpoint_last.pt``'s step, so a resumed
   run's summary and loss curve hold the whole run, not only the steps after the restart,
-- ``checkpoint_best.pt``: ``{"model": state_dict, "step", "metrics"}`` at the best validation metric,
+- ``checkpoint_best.pt``: ``{"model": state_dict, "step", "metrics", "bsf_model"}`` at the best validation metric
+  (``bsf_model``: its input channels by modality, stage kind and data set, :mod:`bsf.model.provenance`),
 - ``summary.json``: per-step losses and validation history of the whole run, timings, and the paths above,
 - ``tb/``: TensorBoard scalars.
 
 A folder that holds an earlier run (any of these) is never replaced by surprise (:func:`check_run_folder`, before
 any work): ``--resume`` continues that run, ``--force`` starts over and replaces it (the earlier run's files are
 removed once the new run is set up, so no stale ``checkpoint_best.pt`` or TensorBoard curve survives). A fresh or
-empty folder, or one holding only other files, needs neither.
+empty folder, or one holding only other files, needs neither. The run owns that folder: at start it removes the
+temporary files (``.<name>.<random>.tmp``, :mod:`bsf.io`) that killed earlier runs left of the files above, whatever
+their age; other temporary files there are left alone.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bsf.config import RunConfig, load_config
-from bsf.console import add_train_arguments, run_guarded
+from bsf.console import add_train_arguments, plain_text, run_guarded
 from bsf.engine import Engine, resolve_device
+from bsf.engine.stage_model import describe_config
 from bsf.errors import BSFError, CheckpointError, ConfigError, OutputError
-from bsf.io import atomic_torch_save, atomic_write_json
+from bsf.io import atomic_torch_save, atomic_write_json, remove_own_temp_files
+from bsf.model.provenance import META_KEY
 from bsf.outputs import check_output_folder, existing_outputs
 
 log = logging.getLogger(__name__)
@@ -176,6 +181,8 @@ def train(config: RunConfig, *, resume: bool = False, start_over: bool = False) 
 
 def _train(config: RunConfig, ctx: DistributedContext, resume: bool, start_over: bool = False) -> dict[str, Any]:
     out = prepare_output_dir(config.train.output_dir)
+    if ctx.is_main:  # the run owns its folder: a killed earlier run's temporary files of these targets are its own
+        remove_own_temp_files(out, RUN_FILES)
     device = resolve_device(config.train.device, ctx.local_rank)
     engine = Engine(config, rank=ctx.rank, world_size=ctx.world_size, device=device)
     if start_over and ctx.is_main:
@@ -228,7 +235,8 @@ def _validate(engine: Engine, run_log: RunLog, writer, out: Path, ctx: Distribut
         for name, value in metrics.items():
             writer.add_scalar(f"val/{name}", value, engine.step)
     if engine.is_better(metrics) and ctx.is_main:
-        atomic_torch_save({"model": engine.model.state_dict(), "step": engine.step, "metrics": metrics}, out / BEST)
+        described = {META_KEY: describe_config(engine.config).to_dict()}  # its channels, for the next stage
+        atomic_torch_save({"model": engine.model.state_dict(), "step": engine.step, "metrics": metrics, **described}, out / BEST)
         log.info("step %d: new best %s = %.5f", engine.step, engine.task.best_metric, metrics[engine.task.best_metric])
 
 
@@ -262,7 +270,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for ``torchrun -m bsf.train``; same arguments as ``bsf train``."""
-    parser = argparse.ArgumentParser(prog="python -m bsf.train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bsf.train", description=plain_text(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
     return run_guarded(lambda: run_from_args(parser.parse_args(argv)))
 

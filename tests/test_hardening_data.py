@@ -24,6 +24,7 @@ from bsf.data.index import read_datalist
 from bsf.data.pipeline import persistent_dataset
 from bsf.errors import DataError
 from bsf.io import STALE_TEMP_SECONDS, atomic_path, atomic_write_json, atomic_write_text
+from tests.cli_errors import one_line_error
 
 HOUR = 3600.0
 
@@ -235,12 +236,6 @@ def test_distinct_cases_in_one_folder_are_not_duplicates(tmp_path):
 
 
 # ------------------------------------------------------------------ class 7: user errors are one line, exit code 2
-def _one_line_error(capsys, *names: str) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for name in names:
-        assert name in err
-    return err
 
 
 def test_output_paths_that_are_folders_are_one_line_errors(tmp_path, capsys):
@@ -253,10 +248,10 @@ def test_output_paths_that_are_folders_are_one_line_errors(tmp_path, capsys):
     folder = tmp_path / "taken"
     folder.mkdir()
     assert main(["data", "index", "--dataset", "atlas", "--root", str(root), "--out", str(folder)]) == 2
-    _one_line_error(capsys, str(folder), "folder")
+    one_line_error(capsys, str(folder), "folder")
     datalist = _datalist(tmp_path, [_case("sub-1")])
     assert main(["data", "check", "--datalist", str(datalist), "--headers-only", "--no-progress", "--json", str(folder)]) == 2
-    _one_line_error(capsys, str(folder))
+    one_line_error(capsys, str(folder))
 
 
 @pytest.mark.parametrize("override, named", [
@@ -267,11 +262,11 @@ def test_output_paths_that_are_folders_are_one_line_errors(tmp_path, capsys):
 ])
 def test_malformed_override_values_are_one_line_errors(capsys, override, named):
     assert main(["config", "--config", "stage1_test", override]) == 2
-    _one_line_error(capsys, named)
+    one_line_error(capsys, named)
 
 
 @pytest.mark.parametrize("content", [b"model: [1,\n", b"\x89PNG\r\n\x1a\n\x00\xff binary", b"- a list\n- not a mapping\n"], ids=["broken", "binary", "list"])
-def test_unreadable_yaml_is_a_one_line_error(tmp_path, capsys, content):
+def test_unreadable_yaml_is_aone_line_error(tmp_path, capsys, content):
     path = tmp_path / "run.yaml"
     path.write_bytes(content)
     assert main(["config", "--config", str(path)]) == 2
@@ -290,15 +285,15 @@ def test_permission_denied_names_the_file(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(pathlib.Path, "read_text", denied)
     assert main(["config", "--config", str(path)]) == 2
-    assert _one_line_error(capsys, str(path)).strip() == f"error: {path}: permission denied"
+    assert one_line_error(capsys, str(path)).strip() == f"error: {path}: permission denied"
 
 
-def test_train_output_file_that_is_a_folder_is_a_one_line_error(ukb_root, tmp_path, capsys):
+def test_train_output_file_that_is_a_folder_is_aone_line_error(ukb_root, tmp_path, capsys):
     out = tmp_path / "run"
     (out / "summary.json").mkdir(parents=True)
     code = main(["train", "--config", "stage1_test", f"data.root={ukb_root}", f"train.output_dir={out}", "train.progress=false", "train.steps=1"])
     assert code == 2
-    _one_line_error(capsys, str(out / "summary.json"), "is a folder")
+    one_line_error(capsys, str(out / "summary.json"), "is a folder")
 
 
 @pytest.mark.parametrize("bug", [ValueError("a bug"), FileNotFoundError("no path named"), KeyError("k")], ids=["value", "os-no-path", "key"])

@@ -20,6 +20,7 @@ from bsf.engine import build_model
 from bsf.errors import OutputError
 from bsf.evaluate import prediction_paths
 from bsf.outputs import safe_file_name
+from tests.cli_errors import one_line_error
 
 HOSTILE_IDS = ["../escape", "/abs/evil", "a/b", "..", ".", "nul\x00byte", "sp ace;rm -rf", "ünï", "-rf", "x" * 300]
 
@@ -44,12 +45,6 @@ def _predict(atlas, inputs, output, *extra) -> int:
                  "--input", *map(str, inputs), "--output", str(output), *extra])
 
 
-def _one_line_error(capsys, *names) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for name in names:
-        assert str(name) in err, (name, err)
-    return err
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -75,7 +70,7 @@ def test_predict_refuses_to_write_over_its_input(atlas, tmp_path, monkeypatch, c
     else:
         output = image
     assert _predict(atlas, [image], output, "--force") == 2  # even --force never replaces an input
-    assert "is the input" in _one_line_error(capsys, output)
+    assert "is the input" in one_line_error(capsys, output)
     assert image.read_bytes() == before
 
 
@@ -83,7 +78,7 @@ def test_predict_replaces_an_existing_output_only_with_force(atlas, tmp_path, ca
     output = tmp_path / "seg.nii.gz"
     output.write_bytes(b"an earlier result")
     assert _predict(atlas, [atlas["cases"][0]["t1w"]], output) == 2
-    assert "--force" in _one_line_error(capsys, output)
+    assert "--force" in one_line_error(capsys, output)
     assert output.read_bytes() == b"an earlier result"
     assert _predict(atlas, [atlas["cases"][0]["t1w"]], output, "--force") == 0
     assert nib.load(output).shape == nib.load(atlas["cases"][0]["t1w"]).shape
@@ -102,7 +97,7 @@ def test_predict_output_that_cannot_be_a_file_is_named_before_any_work(atlas, tm
         output.mkdir()
     monkeypatch.setattr(CheckedLoadd, "__call__", _must_not_load)
     assert _predict(atlas, [atlas["cases"][0]["t1w"]], output, "--force") == 2
-    _one_line_error(capsys, output)
+    one_line_error(capsys, output)
     assert (tmp_path / "plain_file").read_text() == "x"
 
 
@@ -159,7 +154,7 @@ def test_evaluate_refuses_a_prediction_that_would_replace_a_case_image(atlas, tm
     monkeypatch.setattr(CheckedLoadd, "__call__", _must_not_load)
     assert main(["evaluate", "--model", str(atlas["model"]), "--device", "cpu", "--no-progress", "--datalist", str(datalist),
                  "--out", str(out), "--save-predictions"]) == 2
-    assert "is the data file" in _one_line_error(capsys, image)
+    assert "is the data file" in one_line_error(capsys, image)
     assert image.read_bytes() == before
 
 
@@ -193,7 +188,7 @@ def test_export_refuses_to_write_over_its_model(encoder_model, tmp_path, monkeyp
         out = tmp_path / "encoder.pt"
         out.symlink_to(encoder_model)
     assert main(["export", "--model", str(encoder_model), "--out", str(out), "--force"]) == 2
-    assert "is the input" in _one_line_error(capsys, out)
+    assert "is the input" in one_line_error(capsys, out)
     assert encoder_model.read_bytes() == before
 
 
@@ -201,12 +196,12 @@ def test_export_replaces_an_existing_file_only_with_force_and_names_a_folder(enc
     out = tmp_path / "encoder.pt"
     out.write_bytes(b"older encoder")
     assert main(["export", "--model", str(encoder_model), "--out", str(out)]) == 2
-    assert "--force" in _one_line_error(capsys, out)
+    assert "--force" in one_line_error(capsys, out)
     assert out.read_bytes() == b"older encoder"
     assert main(["export", "--model", str(encoder_model), "--out", str(out), "--force"]) == 0
     assert set(torch.load(out, weights_only=True)["state_dict"]) == {"swinViT.patch_embed.proj.weight"}
     assert main(["export", "--model", str(encoder_model), "--out", str(tmp_path)]) == 2
-    assert "is a folder" in _one_line_error(capsys, tmp_path)
+    assert "is a folder" in one_line_error(capsys, tmp_path)
 
 
 def test_bundle_export_into_a_non_empty_folder_needs_force(atlas, tmp_path, capsys):
@@ -215,14 +210,14 @@ def test_bundle_export_into_a_non_empty_folder_needs_force(atlas, tmp_path, caps
     (bundle / "notes.txt").write_text("mine")
     args = ["bundle", "export", "--model", str(atlas["model"]), "--device", "cpu", "--out", str(bundle)]
     assert main(args) == 2
-    assert "not empty" in _one_line_error(capsys, bundle, "notes.txt", "--force")
+    assert "not empty" in one_line_error(capsys, bundle, "notes.txt", "--force")
     assert sorted(p.name for p in bundle.iterdir()) == ["notes.txt"]
     assert main([*args, "--force"]) == 0
     assert (bundle / "notes.txt").read_text() == "mine"
     assert (bundle / "models" / "model.pt").is_file() and (bundle / "configs" / "inference.json").is_file()
     (tmp_path / "a_file").write_text("x")
     assert main([*args[:-1], str(tmp_path / "a_file")]) == 2
-    _one_line_error(capsys, tmp_path / "a_file")
+    one_line_error(capsys, tmp_path / "a_file")
 
 
 # ------------------------------------------------------------------------------ class 7: headers
@@ -266,7 +261,7 @@ def test_predict_checks_the_header_before_reading_voxels(atlas, tmp_path, capsys
         extra = ["--max-voxels", "1000"]
     monkeypatch.setattr(CheckedLoadd, "__call__", _must_not_load)
     assert _predict(atlas, [image], tmp_path / "seg.nii.gz", *extra) == 2
-    assert expected in _one_line_error(capsys, image)
+    assert expected in one_line_error(capsys, image)
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
@@ -278,7 +273,7 @@ def test_evaluate_checks_the_label_header_before_reading_it(atlas, tmp_path, cap
     monkeypatch.setattr(CheckedLoadd, "__call__", _must_not_load)
     assert main(["evaluate", "--model", str(atlas["model"]), "--device", "cpu", "--no-progress", "--datalist", str(datalist),
                  "--out", str(tmp_path / "eval")]) == 2
-    err = _one_line_error(capsys, label, "case c0")
+    err = one_line_error(capsys, label, "case c0")
     assert "label file" in err and "truncated" in err
 
 

@@ -26,18 +26,13 @@ from bsf.engine import build_model
 from bsf.errors import OutputError
 from bsf.outputs import FileSet, check_output_file, check_output_files, same_file
 from bsf.train import BEST, LAST, RUN_LOG, SUMMARY, check_run_folder
+from tests.cli_errors import one_line_error
 
 SPELLINGS = ["same path", "relative path", "symbolic link", "hard link"]
 MODALITIES = ["flair", "t1ce", "t1", "t2"]
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _one_line_error(capsys, *names) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for name in names:
-        assert str(name) in err, (name, err)
-    return err
 
 
 def _spelled(target: Path, spelling: str, where: Path, monkeypatch) -> Path:
@@ -151,7 +146,7 @@ def test_train_refuses_a_folder_with_an_earlier_run(tmp_path, capsys, monkeypatc
     before = _snapshot(out)
     monkeypatch.setattr(bsf.train, "Engine", _must_not_run)
     assert _train(tmp_path, out) == 2
-    err = _one_line_error(capsys, out, "--resume", "--force")
+    err = one_line_error(capsys, out, "--resume", "--force")
     assert "holds an earlier run" in err and "continue" in err and "start over" in err
     assert _snapshot(out) == before
 
@@ -174,9 +169,9 @@ def test_train_resume_and_force_choices(tmp_path, capsys, monkeypatch):
     before = _snapshot(out)
     monkeypatch.setattr(bsf.train, "Engine", _must_not_run)
     assert _train(tmp_path, out, "--resume") == 2  # nothing to continue from: --resume would replace, not continue
-    assert "no checkpoint_last.pt" in _one_line_error(capsys, out, "--force")
+    assert "no checkpoint_last.pt" in one_line_error(capsys, out, "--force")
     assert _train(tmp_path, out, "--resume", "--force") == 2
-    _one_line_error(capsys, out, "--resume", "--force")
+    one_line_error(capsys, out, "--resume", "--force")
     assert _snapshot(out) == before
     _plant_run(out, LAST)
     assert check_run_folder(out, resume=True) == []
@@ -198,7 +193,7 @@ def test_train_force_starts_over_and_leaves_nothing_of_the_earlier_run(ukb_root,
     assert not (out / "tb" / "events.out.tfevents.earlier").exists() and list((out / "tb").iterdir())
     assert (out / "notes.txt").read_text() == "mine"  # not the run's: untouched
     assert _train(ukb_root, out) == 2  # and now this run is the one a rerun would replace
-    _one_line_error(capsys, out, "--resume", "--force")
+    one_line_error(capsys, out, "--resume", "--force")
 
 
 # ------------------------------------------------------------------------------------- bsf data synth
@@ -214,7 +209,7 @@ def test_synth_rerun_refuses_existing_subjects_unless_force(tmp_path, capsys):
     before = _snapshot(out)
     for subjects in (1, 2):  # the same set again, or a larger one that includes it
         assert _synth(out, subjects, "--seed", "2") == 2
-        err = _one_line_error(capsys, out, out / "BraTS2021_00000", "--force")
+        err = one_line_error(capsys, out, out / "BraTS2021_00000", "--force")
         assert f"1 of the {subjects} brats subject(s)" in err
         assert _snapshot(out) == before
     assert not (out / "BraTS2021_00001").exists(), "a subject was written before the refusal"
@@ -252,7 +247,7 @@ def test_synth_takes_a_folder_with_other_files_and_never_writes_into_a_folder_in
     blocked = tmp_path / "blocked"
     (blocked / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz").mkdir(parents=True)
     assert _synth(blocked, 1, "--force") == 2
-    _one_line_error(capsys, blocked / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz", "is a folder")
+    one_line_error(capsys, blocked / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz", "is a folder")
     assert sorted(p.relative_to(blocked).as_posix() for p in blocked.rglob("*")) == \
         ["BraTS2021_00000", "BraTS2021_00000/BraTS2021_00000_seg.nii.gz"]  # nothing written
 
@@ -269,7 +264,7 @@ def test_data_check_never_writes_over_its_datalist(brats, tmp_path, capsys, monk
     before = brats["datalist"].read_bytes()
     monkeypatch.setattr(bsf.data.check, "check_cases", _must_not_run)
     assert _check(brats, flag, str(output), "--force") == 2
-    assert "is the input" in _one_line_error(capsys, output, flag)
+    assert "is the input" in one_line_error(capsys, output, flag)
     assert brats["datalist"].read_bytes() == before
 
 
@@ -279,7 +274,7 @@ def test_data_check_never_writes_over_a_case_file(brats, tmp_path, capsys, monke
     monkeypatch.setattr(bsf.data.check, "check_cases", _must_not_run)
     for output in (seg, _spelled(seg, "hard link", tmp_path, monkeypatch)):
         assert _check(brats, "--write-clean", str(output), "--force") == 2
-        _one_line_error(capsys, output, "is the input", seg)
+        one_line_error(capsys, output, "is the input", seg)
     assert seg.read_bytes() == before
 
 
@@ -289,10 +284,10 @@ def test_data_check_replaces_another_existing_file_only_with_force(brats, tmp_pa
     real_check = bsf.data.check.check_cases
     monkeypatch.setattr(bsf.data.check, "check_cases", _must_not_run)
     assert _check(brats, "--write-clean", str(clean)) == 2
-    _one_line_error(capsys, clean, "already exists", "--force")
+    one_line_error(capsys, clean, "already exists", "--force")
     assert clean.read_text() == "an earlier clean list"
     assert _check(brats, "--write-clean", str(clean), "--json", str(tmp_path / "x" / ".." / "clean.json"), "--force") == 2
-    _one_line_error(capsys, "are one file")
+    one_line_error(capsys, "are one file")
     monkeypatch.setattr(bsf.data.check, "check_cases", real_check)
     assert _check(brats, "--write-clean", str(clean), "--force") == 0
     assert sorted(c["id"] for c in json.loads(clean.read_text())["training"]) == ["BraTS2021_00000"]
@@ -309,7 +304,7 @@ def test_data_index_rerun_needs_force(brats, tmp_path, capsys, monkeypatch):
     real_index = bsf.data.index.index_dataset
     monkeypatch.setattr(bsf.data.index, "index_dataset", _must_not_run)
     assert _index(brats, out) == 2
-    _one_line_error(capsys, out, "already exists", "--force")
+    one_line_error(capsys, out, "already exists", "--force")
     assert out.read_text() == "an earlier datalist"
     monkeypatch.setattr(bsf.data.index, "index_dataset", real_index)
     assert _index(brats, out, "--force") == 0
@@ -326,7 +321,7 @@ def test_data_index_never_writes_over_its_folds_file_or_a_case_file(brats, tmp_p
     for target in (folds, seg):
         output = _spelled(target, spelling, tmp_path / f"here_{target.stem}", monkeypatch)
         assert _index(brats, output, "--folds-file", str(folds), "--force") == 2
-        _one_line_error(capsys, output, "is the input")
+        one_line_error(capsys, output, "is the input")
     assert {p: p.read_bytes() for p in before} == before
 
 
@@ -347,7 +342,7 @@ def test_predict_never_writes_over_the_case_label_even_with_force(brats, tmp_pat
     before = _snapshot(brats["root"])
     monkeypatch.setattr(bsf.predict, "load_finetuned", _must_not_run)
     assert _predict(brats, inputs, output, "--force") == 2
-    assert "one of the case's own files" in _one_line_error(capsys, output, seg, "even with --force")
+    assert "one of the case's own files" in one_line_error(capsys, output, seg, "even with --force")
     assert _snapshot(brats["root"]) == before
 
 
@@ -359,7 +354,7 @@ def test_predict_never_writes_over_an_image_that_is_not_an_input(brats, tmp_path
     monkeypatch.setattr(bsf.predict, "load_finetuned", _must_not_run)
     inputs = [f"flair={case / 'BraTS2021_00000_flair.nii.gz'}", f"t1={case / 'BraTS2021_00000_t1.nii.gz'}"]
     assert _predict(brats, inputs, t2, "--force") == 2
-    assert "one of the case's own files" in _one_line_error(capsys, t2)
+    assert "one of the case's own files" in one_line_error(capsys, t2)
     assert t2.read_bytes() == before
 
 
@@ -368,7 +363,7 @@ def test_predict_replaces_an_earlier_prediction_beside_the_case_only_with_force(
     earlier.write_bytes(b"an earlier prediction")
     try:
         assert _predict(brats, [brats["case"]], earlier) == 2
-        _one_line_error(capsys, earlier, "already exists", "--force")
+        one_line_error(capsys, earlier, "already exists", "--force")
         assert earlier.read_bytes() == b"an earlier prediction"
         assert _predict(brats, [brats["case"]], earlier, "--force") == 0
         assert earlier.read_bytes()[:2] == b"\x1f\x8b"  # a gzipped NIfTI now
@@ -393,10 +388,10 @@ def test_evaluate_rerun_needs_force(brats, tmp_path, capsys, monkeypatch, where)
         real_load = bsf.predict.load_finetuned
         monkeypatch.setattr(bsf.predict, "load_finetuned", _must_not_run)
         assert _evaluate(brats, *flags) == 2
-        _one_line_error(capsys, out / "metrics.csv", out / "summary.json", "--force")
+        one_line_error(capsys, out / "metrics.csv", out / "summary.json", "--force")
         (out / "summary.json").unlink()
         assert _evaluate(brats, *flags) == 2  # one left is enough
-        _one_line_error(capsys, out / "metrics.csv", "--force")
+        one_line_error(capsys, out / "metrics.csv", "--force")
         assert (out / "metrics.csv").read_text() == "earlier metrics"
         if where == "--out":
             monkeypatch.setattr(bsf.predict, "load_finetuned", real_load)
@@ -417,7 +412,7 @@ def test_evaluate_refuses_an_earlier_saved_prediction_and_its_own_inputs(brats, 
     monkeypatch.setattr(bsf.predict, "predict_case", _must_not_run)
     monkeypatch.setattr("bsf.evaluate.predict_case", _must_not_run)
     assert _evaluate(brats, "--out", str(out), "--save-predictions") == 2
-    _one_line_error(capsys, earlier, "already exists", "--force")
+    one_line_error(capsys, earlier, "already exists", "--force")
     assert earlier.read_bytes() == b"an earlier prediction"
     # the model's own folder as --out, with a weights-only model whose config is the summary.json there
     run = tmp_path / "run"
@@ -428,5 +423,5 @@ def test_evaluate_refuses_an_earlier_saved_prediction_and_its_own_inputs(brats, 
     before = (run / "summary.json").read_bytes()
     assert main(["evaluate", "--model", str(run / "checkpoint_best.pt"), "--device", "cpu", "--no-progress",
                  "--datalist", str(brats["datalist"]), "--out", str(run), "--force"]) == 2
-    _one_line_error(capsys, run / "summary.json", "is the input")
+    one_line_error(capsys, run / "summary.json", "is the input")
     assert (run / "summary.json").read_bytes() == before

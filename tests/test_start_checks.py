@@ -16,14 +16,9 @@ import yaml
 from bsf.cli import main
 from bsf.errors import ConfigError
 from bsf.federation.start_checks import check_site_configs, check_site_count
+from tests.cli_errors import one_line_error
 
 
-def _one_line_error(capsys, *names: str) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for name in names:
-        assert name in err, err
-    return err
 
 
 @pytest.mark.parametrize("sites, named", [([], "0 sites take part"), (["site-1"], "1 site (site-1) take part")])
@@ -56,12 +51,12 @@ def test_a_site_configuration_typo_names_the_site_and_key(tmp_path, site_2, name
 def test_bsf_jobs_simulate_refuses_before_starting_anything(tmp_path, capsys, monkeypatch):
     workspace = tmp_path / "ws"
     assert main(["jobs", "simulate", "stage1", "-n", "1", "-w", str(workspace)]) == 2
-    _one_line_error(capsys, "job stage1", "federation.min_clients=2", "-n 2")
+    one_line_error(capsys, "job stage1", "federation.min_clients=2", "-n 2")
     site_map = tmp_path / "sites.yaml"
     site_map.write_text(yaml.safe_dump({"sites": {"*": {"data": {"datset": "ukb"}}}}))
     monkeypatch.setenv("BSF_SITE_CONFIG", str(site_map))
     assert main(["jobs", "simulate", "stage1", "-n", "2", "-w", str(workspace)]) == 2
-    _one_line_error(capsys, "site site-1 cannot start", "data.datset")
+    one_line_error(capsys, "site site-1 cannot start", "data.datset")
     assert not workspace.exists()  # nothing ran
 
 
@@ -103,3 +98,22 @@ def test_sigterm_stops_a_simulation_and_its_processes(tmp_path):
     for stray in left:
         stray.kill()
     assert not left, [p.info["cmdline"] for p in left]
+
+
+def test_the_server_refuses_a_job_with_fewer_sites_than_min_clients(tmp_path):
+    """``nvflare simulator jobs/stage1 -n 1`` (min_clients 2): one CANNOT START line before round 0, no round."""
+    from nvflare.apis.signal import Signal
+
+    from bsf.fl.aggregation import CheckedFedAvgAggregator
+    from bsf.fl.controller import CheckedFedAvg
+
+    controller = CheckedFedAvg(num_rounds=3, persistor_id="persistor", aggregator=CheckedFedAvgAggregator(min_accepted=2))
+    controller.abort_signal = Signal()
+    controller.load_model = lambda: object()
+    controller.sample_clients = lambda num_clients=None: ["site-1"]
+    reasons, rounds = [], []
+    controller.panic = reasons.append
+    controller.broadcast_model = lambda **kwargs: rounds.append(kwargs)
+    controller.run()
+    assert rounds == [] and len(reasons) == 1
+    assert reasons[0].startswith("CANNOT START: federation.min_clients=2 but 1 site(s) take part (site-1)") and "-n 2" in reasons[0]
