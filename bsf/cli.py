@@ -10,7 +10,7 @@ from typing import Sequence
 
 from bsf.bench.cli import add_bench_parser
 from bsf.config import TASKS
-from bsf.console import add_train_arguments, run_guarded
+from bsf.console import IntermixedArgumentParser, add_train_arguments, number_list, positive_int, run_guarded
 from bsf.errors import BSFError
 from bsf.experiments.cli import add_experiment_parser
 from bsf.outputs import add_force_argument
@@ -97,7 +97,7 @@ def cmd_data_check(args: argparse.Namespace) -> None:
     from bsf.outputs import FileSet, check_output_file, same_file
 
     listing = read_datalist(args.datalist, args.root)
-    labels = [int(v) for v in args.labels.split(",")] if args.labels else listing.content.get("labels")
+    labels = args.labels if args.labels is not None else listing.content.get("labels")
     cases = listing.all_cases
     # the outputs, before any file is read: never the datalist or a case's file (even with --force), else new or --force
     inputs = FileSet([args.datalist, *_case_paths(cases, listing.base)])
@@ -260,7 +260,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_max_voxels_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-voxels", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--max-voxels", type=positive_int, default=None, metavar="N",
                         help="refuse an input file whose header claims more voxels than N, before reading it "
                              "(default: bsf.predict.DEFAULT_MAX_VOXELS, 2**26 = 67,108,864)")
 
@@ -269,16 +269,6 @@ def _max_voxels(args: argparse.Namespace) -> int:
     from bsf.predict import DEFAULT_MAX_VOXELS
 
     return args.max_voxels or DEFAULT_MAX_VOXELS
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
 
 
 # ----------------------------------------------------------------------- demo
@@ -329,27 +319,32 @@ def build_parser() -> argparse.ArgumentParser:
     check = data.add_parser("check", help="check every file of a datalist (headers, then voxels) and print a table of problems")
     check.add_argument("--datalist", required=True)
     check.add_argument("--root", default=None, help="folder the datalist's paths are relative to (default: its 'root', else its folder)")
-    check.add_argument("--workers", type=int, default=4, help="threads")
+    check.add_argument("--workers", type=positive_int, default=4, help="threads")
     check.add_argument("--headers-only", action="store_true", help="skip decoding the voxels")
-    check.add_argument("--labels", default=None, help="allowed label values, e.g. 0,1,2,4 (default: from the data set and case names)")
+    check.add_argument("--labels", type=number_list(int, minimum=0, example="0,1,2,4"), default=None,
+                       help="allowed label values, e.g. 0,1,2,4 (default: from the data set and case names)")
     check.add_argument("--write-clean", default=None, metavar="OUT", help="write a datalist without the broken cases")
     check.add_argument("--json", default=None, metavar="OUT", help="write the problems as JSON")
     check.add_argument("--no-progress", action="store_true")
     add_force_argument(check, "replace an existing --write-clean or --json file (never the datalist itself or a case's file)")
     check.set_defaults(func=cmd_data_check)
 
-    site = sub.add_parser("site", help="site configuration").add_subparsers(dest="site_command", required=True)
+    # key=value overrides anywhere on the line, also after --site/--config (IntermixedArgumentParser)
+    site = sub.add_parser("site", help="site configuration").add_subparsers(dest="site_command", required=True,
+                                                                          parser_class=IntermixedArgumentParser)
     site_check = site.add_parser("check", help="validate a site YAML (keys, paths) and check its data's headers")
     site_check.add_argument("site_config", help="e.g. sites/brats.yaml, or a site map with --site")
-    site_check.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides, e.g. data.root=/mnt/brats")
+    site_check.add_argument("overrides", nargs="*", metavar="key=value", default=[],
+                            help="extra overrides, anywhere on the line, e.g. data.root=/mnt/brats")
     site_check.add_argument("--site", default="site-1", help="site name to pick from a site map")
     site_check.add_argument("--config", default=None, help="job config (YAML or preset) the site joins; checks channels")
     site_check.add_argument("--full", action="store_true", help="also decode every voxel")
-    site_check.add_argument("--workers", type=int, default=4)
+    site_check.add_argument("--workers", type=positive_int, default=4, help="threads")
     site_check.set_defaults(func=cmd_site_check)
     preflight = site.add_parser("preflight", help="what the job needs from this machine (RAM, GPU memory, cache disk, CPU cores) and whether it fits")
     preflight.add_argument("site_config", help="e.g. sites/brats.yaml, or a site map with --site")
-    preflight.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides, e.g. data.roi=[64,64,64]")
+    preflight.add_argument("overrides", nargs="*", metavar="key=value", default=[],
+                           help="extra overrides, anywhere on the line, e.g. data.roi=[64,64,64]")
     preflight.add_argument("--site", default="site-1", help="site name to pick from a site map")
     preflight.add_argument("--config", required=True, help="job config (YAML, e.g. a job's app/config/bsf_run.yaml, or preset)")
     preflight.set_defaults(func=cmd_site_preflight)

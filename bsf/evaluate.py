@@ -6,7 +6,9 @@ submission. BraTS: Dice and HD95 (mm, from the header's voxel size) of the TC, W
 both label maps, and their means. ATLAS: Dice, volume difference (mm^3), simple lesion count and lesion-wise F1
 (:mod:`bsf.metrics.lesions`). Empty regions follow the definitions in :mod:`bsf.metrics`.
 
-Every case's headers, label included, are checked before its voxels are read (:func:`bsf.predict.check_headers`).
+Every case's headers, label included, are checked before its voxels are read (:func:`bsf.predict.check_headers`);
+a case with an empty image (every voxel 0: no brain) is refused, naming the case and the file
+(:func:`bsf.predict.check_not_empty`), as ``bsf data check`` reports it; an empty label (no lesion) is scored.
 With ``save_predictions`` each label map is written to ``<out>/predictions/<name>.nii.gz``, ``<name>`` derived from
 the case id by :func:`bsf.outputs.safe_file_name` (a case id holding ``/``, ``..`` or odd characters is cleaned
 and hashed) and checked to stay inside that folder and to be none of the data set's files. Every output is checked
@@ -117,13 +119,13 @@ def _score_case(finetuned: FinetunedModel, case: dict, max_voxels: int) -> tuple
     if finetuned.dataset == "brats":
         et = rule.et_label(np.unique(truth).tolist())
         true_regions = brats_regions(truth, et_label=et)
-        prediction = predict_case(finetuned, inputs, et_label=et, max_voxels=max_voxels)
+        prediction = predict_case(finetuned, inputs, et_label=et, max_voxels=max_voxels, case_name=case_id(case))
         pred_regions = brats_regions(prediction.labels, et_label=et)
         dice = brats_dice(pred_regions, true_regions)
         hd = brats_hd95(pred_regions, true_regions, spacing)
         row = {f"dice_{k}": v for k, v in dice.items()} | {f"hd95_{k}": v for k, v in hd.items()}
     else:
-        prediction = predict_case(finetuned, inputs, max_voxels=max_voxels)
+        prediction = predict_case(finetuned, inputs, max_voxels=max_voxels, case_name=case_id(case))
         m = lesion_metrics(prediction.labels > 0, truth > 0, spacing)
         row = {
             "dice": m["dice"],

@@ -4,7 +4,10 @@ A write interrupted by a crash leaves only a temporary file ``.<name>.<random>.t
 half-written target. Such leftovers are swept: :func:`atomic_path` removes the stale ones of its own target before
 writing, and :func:`sweep_stale_temp_files` clears a whole folder (the persistent data cache does at start).
 A temporary file is stale once it has not been modified for :data:`STALE_TEMP_SECONDS`: a writer that is still
-running keeps touching its file, so another process's write in progress is left alone.
+running keeps touching its file, so another process's write in progress is left alone. A process that owns a
+folder (no one else writes those targets there, e.g. a training run in its checked ``train.output_dir``) removes
+the temporary files of its own targets whatever their age (:func:`remove_own_temp_files`): repeated kills of a run
+resumed within the hour would otherwise leave one behind per kill.
 
 Importing this module needs no torch (:func:`atomic_torch_save` imports it when called).
 """
@@ -14,12 +17,13 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +43,24 @@ def sweep_stale_temp_files(folder: str | Path, pattern: str = f".*{TEMP_SUFFIX}"
     Each removal is logged as a warning naming the file. Files that vanish or cannot be removed meanwhile
     (another process swept them first, no permission) are skipped.
     """
+    return _remove_temp_files(Path(folder), pattern, cutoff=time.time() - older_than)
+
+
+def remove_own_temp_files(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Remove the temporary files of atomic writes to ``folder/<name>`` for each of ``names``, whatever their age;
+    returns them (each logged as a warning).
+
+    Only for a caller that owns these targets in ``folder``, so that no other writer of them can be running: an
+    interrupted write of its own (a killed earlier run) is all such a file can be. Other temporary files in the
+    folder (other targets) are left to the age-based :func:`sweep_stale_temp_files`.
+    """
+    return [path for name in names for path in _remove_temp_files(Path(folder), temp_pattern(name), cutoff=math.inf)]
+
+
+def _remove_temp_files(folder: Path, pattern: str, cutoff: float) -> list[Path]:
+    """Remove the files in ``folder`` matching ``pattern`` modified before ``cutoff`` (a time stamp); returns them."""
     removed = []
-    cutoff = time.time() - older_than
-    for path in Path(folder).glob(pattern):
+    for path in folder.glob(pattern):
         try:
             if path.is_file() and path.stat().st_mtime < cutoff:
                 path.unlink()

@@ -14,9 +14,11 @@ resample is inverted by nearest-neighbour interpolation).
 
 Before any voxel is read, every input's header is checked (:func:`check_headers`: readable NIfTI, 3-D, sane spacing
 and affine, not truncated, one grid, real numbers, at most ``max_voxels`` voxels), so a header claiming gigabytes
-fails with its file named before memory is committed. The output is checked before the work too
-(:func:`check_prediction_output`): never one of the inputs nor one of the case's own files beside them (its label,
-its other modalities: :func:`case_own_files`), even with ``force``, and an existing file only with ``force``.
+fails with its file named before memory is committed. Once read, an input whose every voxel is 0 (no brain, as
+``bsf data check`` calls it) is refused before inference, naming the file (:func:`check_not_empty`). The output is
+checked before the work too (:func:`check_prediction_output`): never one of the inputs nor one of the case's own
+files beside them (its label, its other modalities: :func:`case_own_files`), even with ``force``, and an existing
+file only with ``force``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from monai.transforms import Compose, EnsureTyped, InvertibleTransform, Invertd
 from torch import nn
 
 from bsf.config import DataConfig, RunConfig, load_config
-from bsf.data.check import ERROR, case_header_problems
+from bsf.data.check import EMPTY_IMAGE, ERROR, case_header_problems
 from bsf.data.pipeline import CheckedLoadd, CompactImaged, as_data_error, deterministic_transforms
 from bsf.data.transforms import INTENSITY_ONLY, ModelChannelsd
 from bsf.engine.engine import resolve_device
@@ -60,6 +62,7 @@ __all__ = [
     "case_own_files",
     "check_input_paths",
     "check_headers",
+    "check_not_empty",
     "check_prediction_output",
     "inference_transforms",
     "load_finetuned",
@@ -465,15 +468,25 @@ def predict_case(
     et_label: int | None = None,
     model: nn.Module | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    case_name: str | None = None,
 ) -> Prediction:
-    """Segment one case (see the module docstring). ``model`` replaces ``finetuned.model`` (tests)."""
+    """Segment one case (see the module docstring). ``model`` replaces ``finetuned.model`` (tests); ``case_name``
+    starts the message of a DataError (``bsf evaluate``: the case id).
+
+    Raises:
+        DataError: a header fails :func:`check_headers`, a file cannot be read, or an input is empty
+            (:func:`check_not_empty`: no brain to segment).
+    """
     case = inputs if isinstance(inputs, CaseInputs) else resolve_inputs(inputs, finetuned.config)
-    reference = check_headers(case.files, max_voxels=max_voxels)
+    reference = check_headers(case.files, max_voxels=max_voxels, case=case_name)
     config = finetuned.config
     transform = inference_transforms(config.data)
+    loaded = 1 + next(i for i, t in enumerate(transform.transforms) if isinstance(t, CheckedLoadd))
     image_entry: str | list[str] = [str(f) for f in case.files] if len(case.files) > 1 else str(case.files[0])
     try:
-        data = transform({"image": image_entry})
+        data = transform({"image": image_entry}, end=loaded)  # the voxels as read, before any step moves them
+        check_not_empty(data["image"], case, finetuned.modalities, case_name=case_name)
+        data = transform(data, start=loaded)
     except RuntimeError as exc:
         raise as_data_error(exc) from None
     image = data["image"]
@@ -498,6 +511,39 @@ def predict_case(
     if out.shape != tuple(reference.shape[:3]):
         raise RuntimeError(f"inverted prediction has shape {out.shape}, input {case.files[0]} has {reference.shape[:3]}")
     return Prediction(out, reference, et)
+
+
+def check_not_empty(image: torch.Tensor, case: CaseInputs, modalities: Sequence[str] = (), *, case_name: str | None = None) -> None:
+    """DataError naming each input file of ``case`` whose voxels (``image``, channels first, as read: one channel
+    per file) are all 0: no brain, nothing to segment (a prediction would only show what the model makes of
+    nothing). The same notion and words as ``bsf data check`` (:data:`EMPTY_IMAGE`).
+
+    When only some of several inputs are empty the message says which, and how to predict without them: name the
+    others (``modality=path``); the model then takes the left-out channels as missing (:class:`CaseInputs`).
+    ``modalities``: the model's channels, naming each file's modality when the files come in its order.
+    """
+    flat = image.reshape(image.shape[0], -1)
+    if flat.shape[0] != len(case.files):  # not one channel per file: judge the whole case
+        holds = [bool(flat.any())] * len(case.files)
+    else:
+        holds = flat.any(dim=1).tolist()
+    if all(holds):
+        return
+    names = case.modalities or list(modalities)
+    if len(names) != len(case.files):
+        names = [""] * len(case.files)
+    empty = [f"{path} ({name})" if name else str(path) for path, name, held in zip(case.files, names, holds) if not held]
+    plural = len(empty) > 1
+    if case_name:  # bsf evaluate: a datalist's case
+        hint = "; `bsf data check` finds such cases and --write-clean writes a datalist without them"
+    elif any(holds) and all(names):
+        others = " ".join(f"{name}={path}" for path, name, held in zip(case.files, names, holds) if held)
+        hint = (f", while the other input(s) hold voxels; to predict without {'them' if plural else 'it'}, "
+                f"give only the others: --input {others}")
+    else:
+        hint = ""
+    prefix = f"case {case_name}: " if case_name else ""
+    raise DataError(f"{prefix}input file{'s' if plural else ''} {', '.join(empty)}: {EMPTY_IMAGE}{hint}")
 
 
 def save_label_map(labels: np.ndarray, reference: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bsf.bench.sizes import SIZES
+from bsf.console import non_negative_int, plain_text, positive_int
 from bsf.errors import BSFError
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` to the ``bsf`` subcommands."""
     p = sub.add_parser("bench", help="throughput, memory, data wait, numerics and communication benchmarks",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="test", help="test: CPU-sized; small: the paper's shapes (default: test)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), metavar="NAME",
@@ -38,29 +39,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="the fast path's train.precision (default: bf16 on CUDA; fp32, the only choice, on CPU)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="also time torch.compile'd steps (auto: on CUDA only; compiling takes minutes on a CPU)")
-    p.add_argument("--steps", type=_positive, default=None, help="timed steps per variant and round (default: by size)")
-    p.add_argument("--warmup", type=_non_negative, default=None, help="untimed steps first (default: by size)")
-    p.add_argument("--repeats", type=_positive, default=None, help="alternating rounds over the variants (default: by size)")
-    p.add_argument("--numerics-steps", type=_positive, default=None, help="steps of the fp32 vs fast loss comparison (default: by size)")
-    p.add_argument("--fl-rounds", type=_non_negative, default=None, help="FedAvg rounds of the fp16-difference run; 0: bytes only (default: by size)")
-    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per variant and round (default: by size)")
+    p.add_argument("--warmup", type=non_negative_int, default=None, help="untimed steps first (default: by size)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="alternating rounds over the variants (default: by size)")
+    p.add_argument("--numerics-steps", type=positive_int, default=None, help="steps of the fp32 vs fast loss comparison (default: by size)")
+    p.add_argument("--fl-rounds", type=non_negative_int, default=None, help="FedAvg rounds of the fp16-difference run; 0: bytes only (default: by size)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for bench.json (and the table as bench.txt)")
     p.set_defaults(func=cmd_bench)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def options(args: argparse.Namespace):

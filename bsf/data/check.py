@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 ERROR, WARNING = "error", "warning"
 AFFINE_TOLERANCE_MM = 1e-3
 MEMO_FILE = "bsf_checked.json"
+#: what an image whose every voxel is 0 is called, here and by ``bsf predict`` / ``bsf evaluate``
+EMPTY_IMAGE = "empty: every voxel is 0 (no brain)"
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ def file_data_problems(path: Path, role: str, labels: LabelRule | None) -> list[
         return problems
     if role == "image":
         if not data.any():
-            problems.append((ERROR, "empty: every voxel is 0 (no brain)"))
+            problems.append((ERROR, EMPTY_IMAGE))
         return problems
     if data.dtype.kind in "fc" and not np.array_equal(data, np.round(data)):
         return [(ERROR, "label holds non-integer values")]

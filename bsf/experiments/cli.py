@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from bsf.console import number_list
 from bsf.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -18,29 +19,9 @@ if TYPE_CHECKING:
 DEFAULT_PRESETS = {"brats": "stage3_brats", "atlas": "stage3_atlas"}
 
 
-def parse_ints(text: str, what: str) -> list[int]:
-    """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"0,2"`` -> [0, 2]; distinct, non-negative."""
-    numbers: list[int] = []
-    try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            first, sep, last = part.partition("-")
-            numbers += list(range(int(first), int(last) + 1)) if sep else [int(first)]
-    except ValueError:
-        numbers = []
-    if not numbers or len(set(numbers)) != len(numbers) or min(numbers) < 0:
-        raise ConfigError(f"{what} {text!r}: expected distinct numbers like 0-4 or 0,2")
-    return numbers
-
-
-def parse_percents(text: str) -> list[float]:
-    """``"5,10,20,40"`` -> [5.0, 10.0, 20.0, 40.0]; each in (0, 100]."""
-    try:
-        percents = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        percents = []
-    if not percents or any(not 0 < p <= 100 for p in percents) or len(set(percents)) != len(percents):
-        raise ConfigError(f"--percents {text!r}: expected distinct percentages in (0, 100], like 5,10,20,40")
-    return sorted(percents)
+#: ``--folds`` / ``--seeds``: ``0-4`` or ``0,2``, distinct and non-negative; ``--percents``: distinct, in (0, 100]
+INDICES = number_list(int, ranges=True, minimum=0, distinct=True, example="0-4 or 0,2")
+PERCENTS = number_list(float, above=0, maximum=100, distinct=True, example="5,10,20,40")
 
 
 def _experiment(args: argparse.Namespace, protocol: str, dataset: str, default_modalities: list[str] | None = None) -> "Experiment":
@@ -78,14 +59,14 @@ def cmd_cv(args: argparse.Namespace) -> None:
     from bsf.experiments import cv
 
     experiment = _experiment(args, "cv", args.dataset)
-    _run(experiment, cv.plan(experiment, parse_ints(args.folds, "--folds"), parse_ints(args.seeds, "--seeds")), cv.report)
+    _run(experiment, cv.plan(experiment, args.folds, args.seeds), cv.report)
 
 
 def cmd_single_modality(args: argparse.Namespace) -> None:
     from bsf.experiments import single_modality
 
     experiment = _experiment(args, "single-modality", args.dataset, ["t1"])
-    runs = single_modality.plan(experiment, parse_ints(args.folds, "--folds"), parse_ints(args.seeds, "--seeds"))
+    runs = single_modality.plan(experiment, args.folds, args.seeds)
     _run(experiment, runs, single_modality.report)
 
 
@@ -94,14 +75,14 @@ def cmd_fewshot(args: argparse.Namespace) -> None:
 
     experiment = _experiment(args, "fewshot", args.dataset)
     fold = None if args.dataset == "atlas" else args.fold
-    _run(experiment, fewshot.plan(experiment, parse_percents(args.percents), args.subsets, fold), fewshot.report)
+    _run(experiment, fewshot.plan(experiment, sorted(args.percents), args.subsets, fold), fewshot.report)
 
 
 def cmd_atlas(args: argparse.Namespace) -> None:
     from bsf.experiments import atlas
 
     experiment = _experiment(args, "atlas", "atlas")
-    _run(experiment, atlas.plan(experiment, parse_ints(args.seeds, "--seeds")), atlas.report)
+    _run(experiment, atlas.plan(experiment, args.seeds), atlas.report)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -132,14 +113,14 @@ def add_experiment_parser(sub: argparse._SubParsersAction) -> None:
 
     p = protocols.add_parser("cv", help="Stage 3 on each fold of the official BraTS split (paper Tables 4, 8)")
     p.add_argument("--dataset", choices=("brats",), default="brats")
-    p.add_argument("--folds", default="0-4", help="folds to hold out, e.g. 0-4 or 0,2 (default 0-4)")
-    p.add_argument("--seeds", default="0", help="training seeds per fold, e.g. 0-2 (default 0)")
+    p.add_argument("--folds", type=INDICES, default="0-4", help="folds to hold out, e.g. 0-4 or 0,2 (default 0-4)")
+    p.add_argument("--seeds", type=INDICES, default="0", help="training seeds per fold, e.g. 0-2 (default 0)")
     _common(p)
     p.set_defaults(func=cmd_cv)
 
     p = protocols.add_parser("fewshot", help="Stage 3 on 5/10/20/40 %% of the training cases, seeded subsets (paper Figure 5, Table 9)")
     p.add_argument("--dataset", choices=("brats", "atlas"), default="brats")
-    p.add_argument("--percents", default="5,10,20,40", help="shares of the training cases, %% (default 5,10,20,40)")
+    p.add_argument("--percents", type=PERCENTS, default="5,10,20,40", help="shares of the training cases, %% (default 5,10,20,40)")
     p.add_argument("--subsets", type=int, default=5, help="seeded random subsets per share (default 5)")
     p.add_argument("--fold", type=int, default=0, help="BraTS fold held out for scoring (default 0); ATLAS: the validation list")
     _common(p)
@@ -147,12 +128,12 @@ def add_experiment_parser(sub: argparse._SubParsersAction) -> None:
 
     p = protocols.add_parser("single-modality", help="T1-only cross-validation, both input channels carrying T1 (paper Table 5)")
     p.add_argument("--dataset", choices=("brats",), default="brats")
-    p.add_argument("--folds", default="0-4", help="folds to hold out (default 0-4)")
-    p.add_argument("--seeds", default="0", help="training seeds per fold (default 0)")
+    p.add_argument("--folds", type=INDICES, default="0-4", help="folds to hold out (default 0-4)")
+    p.add_argument("--seeds", type=INDICES, default="0", help="training seeds per fold (default 0)")
     _common(p)
     p.set_defaults(func=cmd_single_modality)
 
     p = protocols.add_parser("atlas", help="ATLAS challenge metrics on the held-out cases (paper Table 6)")
-    p.add_argument("--seeds", default="0", help="training seeds (default 0)")
+    p.add_argument("--seeds", type=INDICES, default="0", help="training seeds (default 0)")
     _common(p)
     p.set_defaults(func=cmd_atlas)
