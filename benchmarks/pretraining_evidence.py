@@ -2,6 +2,13 @@
 
     .venv/bin/python benchmarks/pretraining_evidence.py --out /tmp/bsf_evidence    # the CPU run (docs/protocols.md)
     .venv/bin/python benchmarks/pretraining_evidence.py --out /tmp/e --tiny        # minutes: the script end to end
+    .venv/bin/python benchmarks/pretraining_evidence.py --out /tmp/g --size gpu    # SwinUNETR-Small on one GPU
+
+Sizes (``--size``; every option given on the command line wins over its size's value, see :data:`SIZES`):
+``cpu`` (the default) is the CPU protocol of docs/protocols.md (test-size SwinUNETR, 64^3 crops, 4 mm);
+``gpu`` is the same protocol at the paper's model size (SwinUNETR-Small, 96^3 crops, bf16, 2 mm synthetic
+volumes); ``tiny`` (= ``--tiny``) runs the script end to end in minutes on a CPU. ``benchmarks/device_run.py``
+chooses the size and the step counts on a lent GPU from measured step times.
 
 Three arms, fine-tuned with the same Stage 3 budget on the same cases with the same seed:
 
@@ -54,6 +61,7 @@ from bsf.data.cases import list_cases
 from bsf.data.synth import synthesize
 from bsf.engine import Engine
 from bsf.federation.site_trainer import SiteTrainer
+from bsf.federation.weighted_mean import WeightedMean
 from bsf.io import atomic_write_json
 
 log = logging.getLogger("pretraining_evidence")
@@ -63,8 +71,76 @@ PAIRS = (("central", "scratch"), ("federated", "scratch"), ("federated", "centra
 PROGRESS = "progress.json"
 
 
+#: the protocol at each size; an option given on the command line wins over its size's value
+SIZES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "ukb_subjects": 12, "ukb_held_out": 3, "brats_subjects": 16, "brats_held_out": 6, "spacing": 4.0, "sites": 3,
+        "stage1_steps": 1500, "local_steps": 25, "stage1_curve": 150, "stage1_preset": "stage1_test", "stage1_set": [],
+        "shots": "1,2", "subsets": 5, "stage3_steps": 30, "curve_every": 10, "stage3_preset": "stage3_brats_test",
+        "stage3_set": ["data.crops_per_volume=1"],
+    },
+    # the paper's model (SwinUNETR-Small) on one GPU: 96^3 crops, bf16, no gradient checkpointing (the batch is small),
+    # volumes cached in memory and read in the training process (2 mm volumes are small), headers checked only
+    "gpu": {
+        "ukb_subjects": 12, "ukb_held_out": 3, "brats_subjects": 16, "brats_held_out": 6, "spacing": 2.0, "sites": 3,
+        "stage1_steps": 3000, "local_steps": 100, "stage1_curve": 600, "stage1_preset": "stage1_ukb",
+        "stage1_set": ["model.use_checkpoint=false", "data.num_workers=0", "data.cache=memory", "data.check=header",
+                       "optim.lr=1e-4", "optim.warmup_steps=50", "train.device=auto"],
+        "shots": "1,2", "subsets": 5, "stage3_steps": 60, "curve_every": 20, "stage3_preset": "stage3_brats",
+        "stage3_set": ["data.roi=[96, 96, 96]", "data.batch_size=1", "data.crops_per_volume=2", "model.use_checkpoint=false",
+                       "data.num_workers=0", "data.cache=memory", "data.check=header", "optim.warmup_steps=10",
+                       "train.device=auto"],
+    },
+    # the script end to end in minutes on a CPU: 1 round, 2 subsets, 2 steps
+    "tiny": {
+        "ukb_subjects": 4, "ukb_held_out": 1, "brats_subjects": 3, "brats_held_out": 1, "spacing": 4.0, "sites": 3,
+        "stage1_steps": 3, "local_steps": 1, "stage1_curve": 3, "stage1_preset": "stage1_test",
+        "stage1_set": ["data.crops_per_volume=1"], "shots": "1,2", "subsets": 2, "stage3_steps": 2, "curve_every": 1,
+        "stage3_preset": "stage3_brats_test", "stage3_set": ["data.crops_per_volume=1"],
+    },
+}
+
+
 def say(message: str) -> None:
     print(f"[evidence] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- synthetic data, in parallel
+def _write_subject(job: tuple) -> None:
+    from bsf.data.synth import _WRITERS, DEFAULT_SCANNER, output_grid
+
+    dataset, plan, spacing, seed, index = job
+    _WRITERS[dataset](plan, output_grid(dataset, spacing), np.random.default_rng([seed, index]), DEFAULT_SCANNER)
+
+
+def synthesize_parallel(dataset: str, n_subjects: int, root: Path, *, spacing: float, seed: int, workers: int = 1, pool=None) -> None:
+    """Write the files ``bsf.data.synth.synthesize(dataset, n_subjects, root, spacing=spacing, seed=seed)`` writes, one
+    subject per process (``workers`` processes, or ``pool``, a ``concurrent.futures`` executor).
+
+    Each subject depends only on ``(seed, index)``, so the files are the serial ones (tests/test_device_run.py checks
+    this). This reaches into :mod:`bsf.data.synth`'s per-subject writers; if those change shape it says so and writes
+    serially instead, the same files, only slower.
+    """
+    if (workers <= 1 and pool is None) or n_subjects <= 1:
+        synthesize(dataset, n_subjects, root, spacing=spacing, seed=seed)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from bsf.data.synth import check_synth_output
+
+    plans = check_synth_output(dataset, n_subjects, root, replace=True)
+    jobs = [(dataset, plan, spacing, seed, index) for index, plan in enumerate(plans)]
+    own = pool is None
+    executor = ProcessPoolExecutor(min(workers, n_subjects), mp_context=get_context("spawn")) if own else pool
+    try:
+        list(executor.map(_write_subject, jobs))
+    except (ImportError, AttributeError, TypeError, KeyError) as error:  # bsf.data.synth's writers changed
+        log.warning("parallel synthesis failed (%s: %s); writing serially", type(error).__name__, error)
+        synthesize(dataset, n_subjects, root, spacing=spacing, seed=seed)
+    finally:
+        if own:
+            executor.shutdown()
 
 
 # --------------------------------------------------------------------------- data
@@ -77,14 +153,16 @@ class Data:
     brats_header: dict[str, Any]
 
 
-def make_data(out: Path, args: argparse.Namespace) -> Data:
-    """Synthesise the subjects once (``data/.complete`` marks it) and write the Stage 1 datalists."""
+def make_data(out: Path, args: argparse.Namespace, pool=None) -> Data:
+    """Synthesise the subjects once (``data/.complete`` marks it; ``--synth-workers`` processes, or ``pool``) and write
+    the Stage 1 datalists."""
     data = out / "data"
     ukb_root, brats_root = data / "ukb", data / "brats"
     marker = data / ".complete"
     if not marker.is_file():
-        synthesize("ukb", args.ukb_subjects, ukb_root, spacing=args.spacing, seed=1)
-        synthesize("brats", args.brats_subjects, brats_root, spacing=args.spacing, seed=2)
+        workers = getattr(args, "synth_workers", 1)
+        synthesize_parallel("ukb", args.ukb_subjects, ukb_root, spacing=args.spacing, seed=1, workers=workers, pool=pool)
+        synthesize_parallel("brats", args.brats_subjects, brats_root, spacing=args.spacing, seed=2, workers=workers, pool=pool)
         marker.write_text(json.dumps({"ukb": args.ukb_subjects, "brats": args.brats_subjects, "spacing": args.spacing}) + "\n")
     made = json.loads(marker.read_text())
     wanted = {"ukb": args.ukb_subjects, "brats": args.brats_subjects, "spacing": args.spacing}
@@ -185,8 +263,6 @@ def stage1_central(args: argparse.Namespace, data: Data, out: Path) -> tuple[Pat
 
 def stage1_federated(args: argparse.Namespace, data: Data, out: Path) -> tuple[Path, dict[str, Any]]:
     """``--sites`` sites, FedAvg of the encoder by steps, ``--stage1-steps`` site steps in all."""
-    from bsf.fl.aggregation import WeightedMean
-
     phase, encoder = Phase(out / "stage1_federated"), out / "stage1_federated_encoder.pt"
     if encoder.is_file():
         say(f"stage 1 federated: done before ({encoder})")
@@ -239,6 +315,15 @@ def few_shot(pool: Sequence[dict[str, Any]], shots: int, subset: int) -> list[di
     return [pool[i] for i in sorted(order.tolist())]
 
 
+def stage3_config(args: argparse.Namespace, datalist: Path, encoder: Path | None, seed: int, out: Path, steps: int | None = None) -> RunConfig:
+    """One arm's Stage 3 config: ``--stage3-preset`` on ``datalist``, from ``encoder`` (None: scratch), seed ``seed``."""
+    start = [f"model.pretrained={encoder}", f"model.pretrained_modalities=[{args.pretrained_modalities}]"] if encoder else ["model.pretrained=null"]
+    return load_config(args.stage3_preset, [
+        f"data.datalist={datalist}", "data.root=''", "data.fold=null", f"train.steps={steps or args.stage3_steps}",
+        "train.val_every=0", "train.progress=false", f"train.output_dir={out}", f"seed={seed}", *start, *args.stage3_set,
+    ])
+
+
 def stage3_run(args: argparse.Namespace, data: Data, arm: str, encoder: Path | None, shots: int, subset: int, out: Path) -> dict[str, Any]:
     """Fine-tune one arm on one subset; the held-out Dice every ``--curve-every`` steps; ``result.json`` marks it done."""
     run_dir = out / "stage3" / f"{shots}shot_s{subset}_{arm}"
@@ -248,12 +333,7 @@ def stage3_run(args: argparse.Namespace, data: Data, arm: str, encoder: Path | N
     chosen = few_shot(data.brats_pool, shots, subset)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json({**data.brats_header, "training": chosen, "validation": data.brats_held_out}, run_dir / "datalist.json")
-    start = [f"model.pretrained={encoder}", f"model.pretrained_modalities=[{args.pretrained_modalities}]"] if encoder else ["model.pretrained=null"]
-    config = load_config(args.stage3_preset, [
-        f"data.datalist={run_dir / 'datalist.json'}", "data.root=''", "data.fold=null", f"train.steps={args.stage3_steps}",
-        "train.val_every=0", "train.progress=false", f"train.output_dir={run_dir / 'train'}", f"seed={subset}", *start,
-        *args.stage3_set,
-    ])
+    config = stage3_config(args, run_dir / "datalist.json", encoder, subset, run_dir / "train")
     clock = Clock()
     engine = Engine(config)
     train, curve = [], []
@@ -365,29 +445,47 @@ def stage1_summary(progress: Mapping[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- command
 def build_parser() -> argparse.ArgumentParser:
+    """The options; those a size sets default to None here and are filled in by :func:`resolve_args`."""
+    cpu = SIZES["cpu"]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--ukb-subjects", type=int, default=12)
-    p.add_argument("--ukb-held-out", type=int, default=3, help="UKB-like subjects that score the SSL models")
-    p.add_argument("--brats-subjects", type=int, default=16)
-    p.add_argument("--brats-held-out", type=int, default=6, help="BraTS-like cases that score Stage 3 (never trained on)")
-    p.add_argument("--spacing", type=float, default=4.0, help="synthetic voxel size, mm")
-    p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--stage1-steps", type=int, default=1500, help="central steps = the federation's steps over all sites")
-    p.add_argument("--local-steps", type=int, default=25, help="federated: steps per site and round")
-    p.add_argument("--stage1-curve", type=int, default=150, help="held-out SSL loss (and a checkpoint) every this many total steps")
-    p.add_argument("--stage1-preset", default="stage1_test")
-    p.add_argument("--stage1-set", nargs="*", default=[], metavar="key=value", help="Stage 1 overrides (both arms)")
-    p.add_argument("--shots", default="1,2", help="labelled BraTS-like cases per few-shot subset")
-    p.add_argument("--subsets", type=int, default=5, help="seeded subsets per shot count (= fine-tuning seeds)")
-    p.add_argument("--stage3-steps", type=int, default=30)
-    p.add_argument("--curve-every", type=int, default=10, help="score on the held-out cases every this many Stage 3 steps")
-    p.add_argument("--stage3-preset", default="stage3_brats_test")
-    p.add_argument("--stage3-set", nargs="*", default=["data.crops_per_volume=1"], metavar="key=value",
-                   help="Stage 3 overrides (every arm); default one crop per step (replaced when given)")
+    p.add_argument("--size", choices=sorted(SIZES), default=None, help="the protocol's size (default cpu; see SIZES)")
+    p.add_argument("--ukb-subjects", type=int, help=f"UKB-like subjects (cpu: {cpu['ukb_subjects']})")
+    p.add_argument("--ukb-held-out", type=int, help="UKB-like subjects that score the SSL models")
+    p.add_argument("--brats-subjects", type=int)
+    p.add_argument("--brats-held-out", type=int, help="BraTS-like cases that score Stage 3 (never trained on)")
+    p.add_argument("--spacing", type=float, help="synthetic voxel size, mm")
+    p.add_argument("--sites", type=int)
+    p.add_argument("--stage1-steps", type=int, help="central steps = the federation's steps over all sites")
+    p.add_argument("--local-steps", type=int, help="federated: steps per site and round")
+    p.add_argument("--stage1-curve", type=int, help="held-out SSL loss (and a checkpoint) every this many total steps")
+    p.add_argument("--stage1-preset")
+    p.add_argument("--stage1-set", nargs="*", metavar="key=value", help="Stage 1 overrides (both arms; replace the size's)")
+    p.add_argument("--shots", help="labelled BraTS-like cases per few-shot subset, e.g. 1,2")
+    p.add_argument("--subsets", type=int, help="seeded subsets per shot count (= fine-tuning seeds)")
+    p.add_argument("--stage3-steps", type=int)
+    p.add_argument("--curve-every", type=int, help="score on the held-out cases every this many Stage 3 steps")
+    p.add_argument("--stage3-preset")
+    p.add_argument("--stage3-set", nargs="*", metavar="key=value",
+                   help="Stage 3 overrides (every arm; replace the size's, cpu: one crop per step)")
     p.add_argument("--pretrained-modalities", default="t1,flair", help="the Stage 1 encoder's channels")
-    p.add_argument("--tiny", action="store_true", help="the script end to end in minutes: 1 round, 2 subsets, 2 steps")
+    p.add_argument("--synth-workers", type=int, default=1, help="processes that write the synthetic subjects (same files)")
+    p.add_argument("--tiny", action="store_true", help="= --size tiny: the script end to end in minutes")
     return p
+
+
+def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``, fill what it leaves out from its size, parse ``--shots`` and check the combination."""
+    args = build_parser().parse_args(argv)
+    if args.tiny and args.size not in (None, "tiny"):
+        raise SystemExit(f"--tiny and --size {args.size}: choose one")
+    args.size = "tiny" if args.tiny else (args.size or "cpu")
+    for key, value in SIZES[args.size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+    args.shots = [int(k) for k in str(args.shots).split(",")]
+    check(args)
+    return args
 
 
 def check(args: argparse.Namespace) -> None:
@@ -399,15 +497,8 @@ def check(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = resolve_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.tiny:
-        args.ukb_subjects, args.ukb_held_out, args.brats_subjects, args.brats_held_out = 4, 1, 3, 1
-        args.stage1_steps, args.local_steps, args.stage1_curve = 3, 1, 3
-        args.subsets, args.stage3_steps, args.curve_every = 2, 2, 1
-        args.stage1_set = ["data.crops_per_volume=1", *args.stage1_set]
-    args.shots = [int(k) for k in str(args.shots).split(",")]
-    check(args)
     out = Path(args.out).resolve()
     load_before = os.getloadavg()
     clock = Clock()
@@ -419,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     stage3_cost = {"wall_s": round(sum(r["cost"]["wall_s"] for r in records), 1), "cpu_s": round(sum(r["cost"]["cpu_s"] for r in records), 1)}
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
-        "setting": {k: v for k, v in vars(args).items() if k != "out"},
+        "setting": {k: v for k, v in vars(args).items() if k not in ("out", "synth_workers")},
         "stage1": {"central": stage1_summary(central), "federated": stage1_summary(federated)},
         "stage3": summarise(records, args.shots, args.subsets),
         "cost": {"stage1_central": central["cost"], "stage1_federated": federated["cost"], "stage3_all_runs": stage3_cost,
