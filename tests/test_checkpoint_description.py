@@ -92,3 +92,21 @@ def test_a_damaged_description_is_refused_by_name(tmp_path, meta):
     torch.save({"state_dict": SSLModel("test", 1).state_dict(), META_KEY: meta}, path)
     with pytest.raises(CheckpointError, match=f"{path}.*{META_KEY}"):
         describe_checkpoint(path)
+
+
+def test_a_saved_global_model_carries_its_description(tmp_path):
+    """What the server persists each round says its channels itself, wherever the file is copied to."""
+    from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
+
+    from bsf.fl.persistor import BSFModelPersistor
+    from tests.nvflare_fakes import site_context
+
+    persistor = BSFModelPersistor(run_config="stage2_brats_test", scope="encoder")
+    persistor._ckpt_save_path = str(tmp_path / "FL_global_model.pt")
+    ctx = site_context(tmp_path, app=tmp_path)
+    sent = persistor.load_model(ctx)[ModelLearnableKey.WEIGHTS]
+    persistor.save_model(make_model_learnable(weights=sent, meta_props={}), ctx)
+    copied = tmp_path / "elsewhere" / "stage2.pt"
+    copied.parent.mkdir()
+    copied.write_bytes((tmp_path / "FL_global_model.pt").read_bytes())
+    assert describe_checkpoint(copied) == (ModelDescription(tuple(BRATS), "ssl", "brats"), f"checkpoint {copied}")

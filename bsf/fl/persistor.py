@@ -2,7 +2,8 @@
 
 :class:`BSFModelPersistor` is NVFlare's ``PTFileModelPersistor`` (so ``FL_global_model.pt`` is
 written after every round and ``best_FL_global_model.pt`` whenever the validation metric
-improves, both as ``{"model": state_dict}`` in the server's app folder) with one change: the
+improves, both as ``{"model": state_dict, "bsf_round": r, "bsf_model": description}`` in the server's app folder,
+the description naming the model's input channels by modality, :mod:`bsf.model.provenance`) with one change: the
 initial global model is not a model object in the job config but
 
 * the aggregated part (``scope``) of the model the :class:`bsf.engine.Engine` builds for the
@@ -41,7 +42,9 @@ from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersisten
 from bsf.fl.aggregation import non_finite_tensors
 from bsf.federation.initial_model import initial_global_weights
 from bsf.federation.payload import CONSTANT_BUFFERS
+from bsf.engine.stage_model import describe_config
 from bsf.federation.run_folders import BEST_MODEL, GLOBAL_MODEL, ROUND_KEY
+from bsf.model.provenance import META_KEY
 
 
 class BSFModelPersistor(PTFileModelPersistor):
@@ -123,6 +126,8 @@ class BSFModelPersistor(PTFileModelPersistor):
         self.persistence_manager = PTModelPersistenceFormatManager(
             data, default_train_conf=self.default_train_conf, allow_numpy_conversion=True
         )
+        # every saved global model says which modality each input channel is: the next stage adapts it unasked
+        self.persistence_manager.other_props[META_KEY] = describe_config(config).to_dict()
         return self.persistence_manager.to_model_learnable(self.exclude_vars)
 
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext) -> None:
