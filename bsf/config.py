@@ -33,6 +33,9 @@ MAX_ROI_SIDE = 512
 MAX_ROI_VOXELS = 256 * 512 * 512
 #: Voxel sizes a resampling target may ask for, in mm.
 SPACING_RANGE_MM = (0.1, 20.0)
+#: A run of at most this many steps is a smoke test (the ``*_test`` presets warm up over 5 steps and their tiny runs
+#: take 1-5): its warm-up is not checked against its length (:func:`_schedule_checks`).
+SMOKE_RUN_STEPS = 5
 
 @dataclass
 class ModelConfig:
@@ -218,6 +221,10 @@ ROBUST_RULES: tuple[str, ...] = typing.get_args(Robust)
 SERVER_OPTIMIZERS: tuple[str, ...] = typing.get_args(ServerOptimizer)
 ENCRYPTIONS: tuple[str, ...] = typing.get_args(Encryption)
 TASKS: tuple[str, ...] = typing.get_args(Task)
+#: the default norm bound of the sites' updates (federation.norm_bound_*; bsf.federation.update_checks.NormBound):
+#: refuse an update above 10 x the round's median update norm (rounds of >= 3 updates) or above an RMS of 100 per value
+NORM_BOUND_MULTIPLE = 10.0
+NORM_BOUND_RMS = 100.0
 
 
 @dataclass
@@ -249,6 +256,12 @@ class FederationConfig:
     clip_bound: float = 0.0  # robust clip: fixed L2 bound of an update (0: use clip_multiple)
     clip_multiple: float = 0.0  # robust clip: bound = clip_multiple x the round's median update norm (>= 1; 0: off)
     trim_fraction: float = 0.2  # robust trimmed_mean: fraction of the values dropped at each end, in [0, 0.5)
+    # the norm bound, before any robust rule (bsf.federation.update_checks): an update whose L2 norm (a FULL one's: of
+    # its difference to the global model) is above norm_bound_multiple x the round's median update norm (rounds of >= 3
+    # updates) or whose RMS per value is above norm_bound_rms (every round) is refused by name. norm_bound: off opts out
+    norm_bound: bool = True
+    norm_bound_multiple: float = NORM_BOUND_MULTIPLE  # >= 1, or 0: no bound relative to the median
+    norm_bound_rms: float = NORM_BOUND_RMS  # > 0, or 0: no ceiling (rounds of one or two updates then go unbounded)
     # slow sites: a round closes once min_responses results are in (0: every asked site) and
     # wait_time_after_min_received seconds have passed; a later result is dropped and logged
     min_responses: int = 0
@@ -288,10 +301,17 @@ class FederationConfig:
     def _aggregation_checks(self) -> list[tuple[bool, str]]:
         """(ok, message) of the robust, slow-site, FedProx, FedOpt and FedCostWAvg settings."""
         finite = all(math.isfinite(getattr(self, name)) for name in
-                     ("clip_bound", "clip_multiple", "trim_fraction", "fedprox_mu", "fedopt_lr", "fedopt_beta1",
-                      "fedopt_beta2", "fedopt_eps", "fedcost_alpha"))
+                     ("clip_bound", "clip_multiple", "trim_fraction", "norm_bound_multiple", "norm_bound_rms",
+                      "fedprox_mu", "fedopt_lr", "fedopt_beta1", "fedopt_beta2", "fedopt_eps", "fedcost_alpha"))
         return [
-            (finite, "federation: clip_bound, clip_multiple, trim_fraction, fedprox_mu, fedopt_* and fedcost_alpha must be finite numbers"),
+            (finite, "federation: clip_bound, clip_multiple, trim_fraction, norm_bound_*, fedprox_mu, fedopt_* and "
+                     "fedcost_alpha must be finite numbers"),
+            (self.norm_bound_multiple == 0 or self.norm_bound_multiple >= 1,
+             f"federation.norm_bound_multiple must be 0 (no bound relative to the median) or >= 1, got {self.norm_bound_multiple}"),
+            (self.norm_bound_rms >= 0, f"federation.norm_bound_rms must be >= 0 (0: no ceiling), got {self.norm_bound_rms}"),
+            (not self.norm_bound or self.norm_bound_multiple > 0 or self.norm_bound_rms > 0,
+             "federation.norm_bound is on but norm_bound_multiple and norm_bound_rms are both 0; "
+             "to accept every update's norm say so: norm_bound: off"),
             (self.robust == "none" or self.transfer == "diff",
              f"federation.robust: {self.robust} works on weight differences; set federation.transfer: diff"),
             (self.clip_bound >= 0, f"federation.clip_bound must be >= 0, got {self.clip_bound}"),
@@ -587,9 +607,26 @@ def validate(config: RunConfig) -> None:
          f"train.steps must equal federation.rounds * federation.local_steps "
          f"({config.federation.schedule_steps if config.federation else 0}) in a federated run config"),
     ]
-    for ok, message in [*checks, *_transforms_checks(config)]:
+    for ok, message in [*checks, *_schedule_checks(config), *_transforms_checks(config)]:
         if not ok:
             raise ConfigError(message)
+
+
+def _schedule_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """The warm-up must end before the schedule does: ``optim.warmup_steps`` < ``optim.total_steps`` (or ``train.steps``,
+    in a federated run config ``federation.rounds x federation.local_steps``). A longer warm-up ramps the learning rate up
+    for the whole run and never reaches ``optim.lr`` (e.g. a paper preset's 500 warm-up steps in a 12-step job).
+    Runs of at most :data:`SMOKE_RUN_STEPS` steps are smoke tests and are not checked."""
+    total, warmup = config.schedule_steps, config.optim.warmup_steps
+    if total <= SMOKE_RUN_STEPS or warmup < total:
+        return []
+    key = "optim.total_steps" if config.optim.total_steps else "train.steps"
+    fed = config.federation
+    origin = (f" (= federation.rounds {fed.rounds} x federation.local_steps {fed.local_steps})"
+              if fed is not None and key == "train.steps" else "")
+    return [(False, f"optim.warmup_steps {warmup} is not shorter than the schedule, {key} {total}{origin}: the learning "
+                    f"rate would ramp up for the whole run and never reach optim.lr. Set optim.warmup_steps below {total}, "
+                    f"or lengthen the schedule")]
 
 
 def _modality_checks(config: RunConfig) -> list[tuple[bool, str]]:

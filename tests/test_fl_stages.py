@@ -59,14 +59,14 @@ def test_stage_jobs_scope_previous_model_and_selection_metric():
         server = json.loads((JOBS / name / "app" / "config" / "config_fed_server.json").read_text())
         components = {c["id"]: c for c in server["components"]}
         assert components["persistor"]["args"]["require_pretrained"] is True
-        selector = components["model_selector"]["args"]
+        selector = next(w for w in server["workflows"] if w["id"] == "fedavg")["args"]  # the controller picks the best
         if name.startswith("stage3"):
             assert job_selection_metric(spec) == ("val_dice_mean", False)
-            assert selector["key_metric"] == "val_dice_mean" and not selector.get("negate_key_metric", False)
+            assert selector["key_metric"] == "val_dice_mean" and not selector.get("lower_is_better", False)
             assert components["json_generator"]["path"] == "bsf.fl.crosssite.CrossSiteResultsWriter"
         else:
             assert job_selection_metric(spec) == ("val_reconstruction_l1", True)
-            assert selector["key_metric"] == "val_reconstruction_l1" and selector["negate_key_metric"] is True
+            assert selector["key_metric"] == "val_reconstruction_l1" and selector["lower_is_better"] is True
     assert job_config("stage3_brats").model.pretrained_modalities == ["flair", "t1ce", "t1", "t2"]
     assert job_config("stage2_brats").model.pretrained_modalities == ["t1", "flair"]
     assert job_config("stage3_atlas").model.out_channels == 1
@@ -245,13 +245,20 @@ def test_chain_stage3_cross_site_table_and_dice(chain):
         per_round = result["dice_by_round"]
         assert set(per_round) == set(sites)
         assert all(v is not None and 0.0 <= v <= 1.0 for values in per_round.values() for v in values)
-        # best_FL_global_model is the validated global model with the HIGHEST mean Dice (not the lowest)
-        rounds = result["rounds"]
-        means = [np.mean([per_round[s][r] for s in sites]) for r in range(rounds)]
-        best_round = int(np.argmax(means))
+        # best_FL_global_model is the validated global model with the HIGHEST mean Dice (not the lowest), among every
+        # global model the sites validated: model r in round r + 1, the last one after the last round
+        selection = json.loads((Path(result["run_dir"]) / "bsf_model_selection.json").read_text())
+        assert selection["metric"] == "val_dice_mean" and not selection["lower_is_better"]
+        candidates = selection["candidates"]
+        assert [c["model_round"] for c in candidates] == list(range(result["rounds"])) and selection["last_model_validated"]
+        for c in candidates[:-1]:
+            assert all(c["sites"][s] == pytest.approx(per_round[s][c["model_round"] + 1], abs=1e-6) for s in sites), c
+        last = table["tables"]["val_dice_mean"]["SRV_FL_global_model.pt"]
+        assert all(candidates[-1]["sites"][s] == pytest.approx(last[s], abs=1e-6) for s in sites), (candidates, last)
+        assert selection["best"]["value"] == max(c["value"] for c in candidates)
         best = table["tables"]["val_dice_mean"]["SRV_best_FL_global_model.pt"]
         for site in sites:
-            assert best[site] == pytest.approx(per_round[site][best_round], abs=1e-6), (job, site, means)
+            assert best[site] == pytest.approx(selection["best"]["sites"][site], abs=1e-6), (job, site, selection)
         [overlay] = result["overlays"]
         assert overlay["dice"] and all(0.0 <= v <= 1.0 for v in overlay["dice"].values())
         if job == "stage3_brats":

@@ -4,10 +4,14 @@ An *update* is one site's weight difference: a mapping key -> array (any shape).
 round's accepted updates as ``[(site, params, weight), ...]`` and returns the aggregate (key -> float32
 array, the same shapes) plus a report of what the rule did, which the server writes into the round record.
 
-* ``clip``: each update whose L2 norm (over all its tensors together) exceeds the round's bound is scaled
-  down to the bound; then the usual weighted mean. The bound is fixed (``clip_bound``) or a multiple of the
-  median of the round's update norms (``clip_multiple``): a site can stretch the median only by being the
-  majority, so one wild update is cut down to ``clip_multiple`` times what a typical site sent.
+Every rule runs after the server's norm bound (:class:`bsf.federation.update_checks.NormBound`, on by default),
+which *refuses* an update far outside the round's others; a rule here works on the updates it kept.
+
+* ``clip``: each update whose L2 norm (:func:`~bsf.federation.update_checks.update_norm`, over all its tensors
+  together) exceeds the round's bound is scaled down to the bound (:func:`~bsf.federation.update_checks.clip_to_norm`);
+  then the usual weighted mean. The bound is fixed (``clip_bound``) or a multiple of the median of the round's
+  update norms (``clip_multiple``): a site can stretch the median only by being the majority, so one wild update
+  is cut down to ``clip_multiple`` times what a typical site sent.
 * ``trimmed_mean``: coordinate-wise, the ``floor(trim_fraction * n)`` largest and smallest values of each
   coordinate are dropped and the rest averaged (unweighted: a weight claim could otherwise undo the trim).
 * ``median``: the coordinate-wise median (unweighted).
@@ -22,6 +26,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bsf.config import FederationConfig
+from bsf.federation.update_checks import clip_to_norm, update_norm
+
+__all__ = ["RobustRule", "Update", "clip_bound_for", "coordinate_median", "robust_aggregate", "trimmed_mean",
+           "update_norm", "weighted_mean"]
 
 Update = tuple[str, Mapping[str, Any], float]  # (site, key -> array, weight)
 
@@ -51,11 +59,6 @@ class RobustRule:
     def needs_all_updates(self) -> bool:
         """Whether the rule needs the round's updates together (everything but ``none``)."""
         return self.rule != "none"
-
-
-def update_norm(params: Mapping[str, Any]) -> float:
-    """The L2 norm of an update over all its tensors together (float64)."""
-    return math.sqrt(sum(float(np.sum(np.square(np.asarray(v, dtype=np.float64)))) for v in params.values()))
 
 
 def clip_bound_for(norms: Sequence[float], rule: RobustRule) -> float:
@@ -115,9 +118,8 @@ def robust_aggregate(updates: Sequence[Update], rule: RobustRule) -> tuple[dict[
         for site, params, weight in updates:
             norm = norms[site]
             if norm > bound:
-                factor = bound / norm
+                params, factor = clip_to_norm(params, bound, norm)
                 clipped[site] = {"norm": round(norm, 6), "scale": round(factor, 6)}
-                params = {k: np.asarray(v, dtype=np.float64) * factor for k, v in params.items()}
             scaled.append((site, params, weight))
         report.update(bound=round(bound, 6), clipped=clipped)
         return weighted_mean(scaled), report

@@ -2,16 +2,24 @@
 
 Two layers:
 
-* :func:`check_update`, :func:`update_weight` and :class:`~bsf.federation.weighted_mean.WeightedMean` are plain NumPy (no NVFlare):
-  what makes an update acceptable, what it weighs, and the weighted average itself. Unit tests drive
-  them directly.
+* :func:`~bsf.federation.update_checks.check_update`, :class:`~bsf.federation.update_checks.NormBound`,
+  :func:`update_weight` and :class:`~bsf.federation.weighted_mean.WeightedMean` are plain NumPy (no NVFlare):
+  what makes an update acceptable, which norms a round refuses, what an update weighs, and the weighted
+  average itself. Unit tests drive them directly.
 * :class:`CheckedFedAvgAggregator` plugs them into NVFlare's ``FedAvg`` controller as a
-  ``ModelAggregator``. It rejects an update whose keys/shapes differ from the global model, whose
+  ``ModelAggregator``. It rejects an update that is no mapping of NumPy arrays (a ragged or nested list, a
+  string: named by key, with the shape expected), whose keys/shapes differ from the global model, whose
   tensors are not real floating point, or whose values are NaN/Inf in float32 (the dtype of the
   global model: a float64 1e300 is rejected, it would become Inf), logs which site sent it and why,
-  and aggregates the others. When fewer than ``min_accepted`` updates survive a round, the global
+  and aggregates the others. When the round closes, the norm bound (``federation.norm_bound``, on by
+  default) refuses, by name with its norm and the bound, every update above ``norm_bound_multiple`` (10) x
+  the round's median update norm (rounds of three or more updates) or above the ceiling of
+  ``norm_bound_rms`` (100) RMS per value (every round); a FULL update is measured by its difference to the
+  round's global model. A round whose accepted updates are all zeros is named ``degenerate`` in its record
+  and logged as a warning. When fewer than ``min_accepted`` updates survive a round, the global
   model is left unchanged for that round (an empty weight difference) and the round is reported as
-  skipped.
+  skipped. The results are kept until the round closes (the bound needs the round's median) and then
+  averaged in their arrival order: the same mean, bit for bit, as the streaming mean gave.
 
 Weights: ``steps`` (``NUM_STEPS_CURRENT_ROUND``, NVFlare's FedAvg default), ``cases`` (the
 site's number of training cases, sent in the result meta as ``num_cases``) or ``uniform``. A claim
@@ -39,16 +47,27 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bsf.config import ROBUST_RULES, WEIGHTINGS, FederationConfig
+from bsf.config import NORM_BOUND_MULTIPLE, NORM_BOUND_RMS, ROBUST_RULES, WEIGHTINGS, FederationConfig
 from bsf.errors import ConfigError
 from bsf.federation.modality import ModalityAggregation, ModalityMetaError
 from bsf.federation.fedcost import cost_ratio, fedcost_weights
 from bsf.federation.robust import RobustRule, robust_aggregate
 from bsf.federation.task_heads import update_task
+from bsf.federation.update_checks import (  # noqa: F401  (check_update, FLOAT_DTYPES, non_finite_tensors: re-exported)
+    FLOAT_DTYPES,
+    NormBound,
+    RoundNorm,
+    check_update,
+    degenerate_round,
+    non_finite_tensors,
+    update_norm,
+    update_size,
+)
 from bsf.federation.weighted_mean import WeightedMean
 from bsf.fl.scaffold import CONTROL_DIFF
 
@@ -56,75 +75,8 @@ log = logging.getLogger(__name__)
 
 META_NUM_CASES = "num_cases"
 META_NUM_STEPS = "NUM_STEPS_CURRENT_ROUND"  # == nvflare.apis.fl_constant.FLMetaKey.NUM_STEPS_CURRENT_ROUND
-#: the dtypes an update's tensors may have: real floating point of 16, 32 or 64 bits
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 #: the bound of any weight claim when the job gives none (``cases``, or ``steps`` without ``expected_steps``)
 MAX_CLAIM = 1_000_000
-
-
-def _shape(value: Any) -> tuple[int, ...]:
-    return tuple(np.shape(value))
-
-
-def _float32_problem(value: Any) -> str | None:
-    """Why ``value`` cannot enter a float32 global model: ``"dtype"``, ``"nan_inf"``, ``"overflow"``, or ``None``."""
-    arr = np.asarray(value)
-    if arr.dtype not in FLOAT_DTYPES:
-        return "dtype"
-    if not np.isfinite(arr).all():
-        return "nan_inf"
-    if arr.dtype.itemsize > 4:
-        with np.errstate(over="ignore"):
-            if not np.isfinite(arr.astype(np.float32)).all():
-                return "overflow"
-    return None
-
-
-def non_finite_tensors(params: Mapping[str, Any]) -> list[str]:
-    """Keys of the tensors that are not finite float32 (NaN, Inf, beyond float32's range, or not floating)."""
-    return [k for k, v in params.items() if _float32_problem(v) is not None]
-
-
-def check_update(params: Mapping[str, Any] | None, reference: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """Problems that make ``params`` unusable against a global model with ``reference`` shapes.
-
-    Returns an empty list when the update is acceptable: exactly the reference keys, the same
-    shapes, real floating dtypes (float16/32/64), finite everywhere once cast to float32.
-    Messages name keys (never values).
-    """
-    if not params:
-        return ["the update is empty"]
-    problems = []
-    missing = sorted(set(reference) - set(params))
-    unknown = sorted(set(params) - set(reference))
-    if missing:
-        problems.append(f"{len(missing)} global key(s) missing, e.g. {missing[:3]}")
-    if unknown:
-        problems.append(f"{len(unknown)} key(s) not in the global model, e.g. {unknown[:3]}")
-    bad_shape = [k for k in params if k in reference and _shape(params[k]) != tuple(reference[k])]
-    if bad_shape:
-        k = bad_shape[0]
-        problems.append(
-            f"{len(bad_shape)} shape mismatch(es), e.g. {k}: {_shape(params[k])} vs global {tuple(reference[k])}"
-        )
-    found: dict[str, list[str]] = {"dtype": [], "nan_inf": [], "overflow": []}
-    for k, v in params.items():
-        problem = _float32_problem(v)
-        if problem is not None:
-            found[problem].append(k)
-    if found["dtype"]:
-        k = found["dtype"][0]
-        problems.append(
-            f"{len(found['dtype'])} tensor(s) not real floating point (float16/32/64), e.g. {k} ({np.asarray(params[k]).dtype})"
-        )
-    if found["nan_inf"]:
-        problems.append(f"{len(found['nan_inf'])} tensor(s) contain NaN/Inf, e.g. {found['nan_inf'][:3]}")
-    if found["overflow"]:
-        problems.append(
-            f"{len(found['overflow'])} tensor(s) overflow float32 (the global model's dtype: NaN/Inf after the cast), "
-            f"e.g. {found['overflow'][:3]}"
-        )
-    return problems
 
 
 def _is_real(value: Any) -> bool:
@@ -191,8 +143,23 @@ except ImportError:  # pragma: no cover - exercised only without nvflare install
     ModelAggregator = object  # type: ignore[assignment,misc]
 
 
+@dataclass
+class _Received:
+    """One result that passed the checks of :meth:`CheckedFedAvgAggregator.accept_model`, kept until the round closes."""
+
+    site: str
+    params: Mapping[str, Any]  # as received (the weighted mean casts as it always did, so a round's mean is unchanged)
+    weight: float
+    norm: RoundNorm  # the update's (a FULL one's: its difference to the round's global model)
+    held: Any = None  # model.modalities: the channels the site holds (mask)
+    controls: dict[str, np.ndarray] | None = None  # SCAFFOLD: the site's control change
+    control_norm: RoundNorm | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    task: str | None = None
+
+
 class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
-    """FedAvg ``ModelAggregator`` that validates every result and bounds its weight before it counts.
+    """FedAvg ``ModelAggregator`` that validates every result and bounds its weight and norm before it counts.
 
     Args:
         weigh_by: ``steps`` | ``cases`` | ``uniform``.
@@ -209,12 +176,19 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
             into the round meta's ``scaffold_c_diff``.
         fedcost_alpha: ``weigh_by: fedcostwavg``'s alpha (:mod:`bsf.federation.fedcost`).
         tasks: ``federation.tasks``: one head per task, each averaged over its task's sites (see the module docstring).
+        norm_bound, norm_bound_multiple, norm_bound_rms: the norm bound (``federation.*`` keys of the same names;
+            :class:`~bsf.federation.update_checks.NormBound`), on by default: an update far outside the round's
+            others, or above the RMS ceiling, is refused by name when the round closes.
     """
+
+    #: whether this aggregator sees the updates' values (an encrypted job's does not: no norm bound there)
+    sees_plaintext = True
 
     def __init__(self, weigh_by: str = "steps", min_accepted: int = 1, expected_steps: int | None = None,
                  max_cases: int = MAX_CLAIM, robust: str = "none", clip_bound: float = 0.0, clip_multiple: float = 0.0,
                  trim_fraction: float = 0.2, modalities: Sequence[str] = (), scaffold: bool = False,
-                 fedcost_alpha: float = 0.5, tasks: Sequence[str] = ()):
+                 fedcost_alpha: float = 0.5, tasks: Sequence[str] = (), norm_bound: bool = True,
+                 norm_bound_multiple: float = NORM_BOUND_MULTIPLE, norm_bound_rms: float = NORM_BOUND_RMS):
         super().__init__()
         if weigh_by not in WEIGHTINGS:
             raise ConfigError(f"weigh_by must be one of {WEIGHTINGS}, got {weigh_by!r}")
@@ -230,9 +204,15 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         self.robust, self.clip_bound, self.clip_multiple, self.trim_fraction = robust, clip_bound, clip_multiple, trim_fraction
         rule = RobustRule(robust, clip_bound, clip_multiple, trim_fraction)
         self.rule = rule if rule.needs_all_updates else None
+        # NVFlare's job export reads the constructor's arguments back by name: each is kept as it was given
+        self.norm_bound, self.norm_bound_multiple, self.norm_bound_rms = norm_bound, norm_bound_multiple, norm_bound_rms
+        try:
+            self.bound = NormBound(norm_bound_multiple, norm_bound_rms, bool(norm_bound))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if modalities and self.rule is not None:
             raise ConfigError(f"robust rule {robust} is not supported with per-modality aggregation (model.modalities) yet")
-        self.modalities = tuple(modalities)  # NVFlare's job export reads the constructor's arguments back by name
+        self.modalities = tuple(modalities)
         self.by_modality = ModalityAggregation(self.modalities) if self.modalities else None
         if modalities and weigh_by == "fedcostwavg":
             raise ConfigError("weigh_by fedcostwavg is not supported with per-modality aggregation (model.modalities) yet")
@@ -251,7 +231,11 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         self._notes: dict[str, str] = {}
         self._metrics = WeightedMean()
         self._reference: dict[str, tuple[int, ...]] | None = None
+        self._global: Mapping[str, Any] | None = None  # the round's global model: what a FULL update is measured against
+        self._received: list[_Received] = []  # the round's results that passed the checks, in arrival order
         self._first_update: dict[str, np.ndarray] | None = None
+        self._round_checks: dict[str, Any] = {}  # the norm bound's report and a degenerate round's note
+        self._told_encrypted = False
 
     @classmethod
     def for_federation(cls, fed: FederationConfig, modalities: Sequence[str] = ()) -> "CheckedFedAvgAggregator":
@@ -259,7 +243,8 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         return cls(weigh_by=fed.weigh_by, min_accepted=fed.min_clients, expected_steps=fed.local_steps, robust=fed.robust,
                    clip_bound=fed.clip_bound, clip_multiple=fed.clip_multiple, trim_fraction=fed.trim_fraction,
                    modalities=modalities, scaffold=fed.algorithm == "scaffold", fedcost_alpha=fed.fedcost_alpha,
-                   tasks=fed.tasks)
+                   tasks=fed.tasks, norm_bound=fed.norm_bound, norm_bound_multiple=fed.norm_bound_multiple,
+                   norm_bound_rms=fed.norm_bound_rms)
 
     @property
     def max_weight(self) -> float:
@@ -270,12 +255,21 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
 
     @property
     def keeps_updates(self) -> bool:
-        """Whether the round's updates are kept until it closes (a robust rule, or weights known only then)."""
+        """Whether the round is aggregated from its float32 updates at once (a robust rule, or weights known only
+        then) rather than by the streaming weighted mean."""
         return self.rule is not None or self.weigh_by == "fedcostwavg"
 
     def set_reference(self, global_params: Mapping[str, Any]) -> None:
-        """Record the global model's keys and shapes (the controller calls this once the model is loaded)."""
-        self._reference = {k: _shape(v) for k, v in global_params.items()}
+        """Record the global model's keys and shapes (the controller calls this once the model is loaded); its
+        values are the round's global model until :meth:`start_round` gives the next one."""
+        self._reference = {k: tuple(np.shape(v)) for k, v in global_params.items()}
+        self._global = global_params
+
+    def start_round(self, global_params: Mapping[str, Any] | None) -> None:
+        """The global model this round's sites start from (the controller calls this as it sends it): a FULL
+        update's norm is that of its difference to it."""
+        if global_params and self.sees_plaintext:
+            self._global = global_params
 
     @property
     def rejected(self) -> list[tuple[str, str]]:
@@ -300,8 +294,15 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         self._controls = []
         self._ratios = {}
         self._task_metrics = {}
+        self._received = []
+        self._round_checks = {}
         if self.by_modality is not None:
             self.by_modality.reset()
+
+    def _norm(self, site: str, params: Mapping[str, Any], params_type: Any) -> RoundNorm:
+        """The update's norm: of the difference itself, or of FULL weights minus the round's global model."""
+        reference = self._global if params_type == ParamsType.FULL else None
+        return RoundNorm(site, update_norm(params, reference), update_size(params))
 
     def accept_model(self, model: FLModel) -> bool:
         meta = model.meta or {}
@@ -315,9 +316,11 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
             return self.reject(site, f"params type {params_type} differs from this round's {self._params_type}")
         if self.rule is not None and params_type != ParamsType.DIFF:
             return self.reject(site, f"robust rule {self.rule.rule} needs weight differences, got {params_type}")
+        if not isinstance(model.params, Mapping) or not model.params:  # nothing below may touch a non-mapping
+            return self.reject(site, "; ".join(check_update(model.params, self._reference)))
         reference, task = self._reference, None
         if self.tasks:  # the shared keys and one task's head: checked against those keys of the global model
-            task, problems = update_task(model.params or {}, reference)
+            task, problems = update_task(model.params, reference)
             if problems:
                 return self.reject(site, "; ".join(problems))
             reference = {k: v for k, v in reference.items() if k in model.params}
@@ -327,59 +330,118 @@ class CheckedFedAvgAggregator(ModelAggregator):  # type: ignore[misc,valid-type]
         controls = meta.get(CONTROL_DIFF)
         if self.scaffold and (problems := check_update(controls if isinstance(controls, Mapping) else None, self._reference)):
             return self.reject(site, f"SCAFFOLD control variates (meta {CONTROL_DIFF!r}): " + "; ".join(problems))
+        held = None
+        if self.by_modality is not None:
+            try:
+                held = self.by_modality.held(meta)
+            except ModalityMetaError as exc:
+                return self.reject(site, str(exc))
         weight, note = update_weight(meta, self.weigh_by, self.max_weight)
         if self.weigh_by == "fedcostwavg":
             self._ratios[site], ratio_note = cost_ratio(model.metrics)
             note = "; ".join(n for n in (note, ratio_note) if n)
-        params = model.params
-        if self.by_modality is not None:
-            try:
-                params = self.by_modality.take(params, weight, self.by_modality.held(meta), site)
-            except ModalityMetaError as exc:
-                return self.reject(site, str(exc))
         if note:
             self._notes[site] = note
             log.warning("site %s: %s", site, note)
         self._params_type = params_type
+        received = _Received(site, model.params, weight, self._norm(site, model.params, params_type), held=held, task=task)
         if self.scaffold:
-            self._controls.append((site, {k: np.asarray(v, dtype=np.float32) for k, v in controls.items()}, weight))
-        self._mean.add({} if self.keeps_updates else params, weight, site)
-        if self.keeps_updates:
-            self._updates.append((site, {k: np.asarray(v, dtype=np.float32) for k, v in model.params.items()}, weight))
-        elif len(self._mean) == 1:
-            self._first_update = {k: np.asarray(v, dtype=np.float32) for k, v in model.params.items()}
-        else:
-            self._first_update = None
-        numeric = {k: float(v) for k, v in (model.metrics or {}).items() if _is_real(v) and math.isfinite(float(v))}
-        if numeric:
-            self._metrics.add(numeric, weight, site)
-            if task is not None:
-                self._task_metrics.setdefault(task, WeightedMean()).add(numeric, weight, site)
-        log.info("accepted the update from site %s (weight %s, %s)", site, weight, params_type)
+            received.controls = {k: np.asarray(v, dtype=np.float32) for k, v in controls.items()}
+            received.control_norm = RoundNorm(site, update_norm(received.controls), update_size(received.controls))
+        received.metrics = {k: float(v) for k, v in (model.metrics or {}).items() if _is_real(v) and math.isfinite(float(v))}
+        self._received.append(received)
+        log.info("accepted the update from site %s (weight %s, %s, norm %.6g)", site, weight, params_type,
+                 received.norm.norm)
         return True
+
+    def _close_round(self) -> list[_Received]:
+        """The norm bound over the round's checked results (refusing by name), then the kept ones into the means.
+
+        The kept results enter in their arrival order, the order in which the streaming mean took them before: the
+        round's mean is the same, bit for bit.
+        """
+        received = self._received
+        reasons, report = self.bound.refusals([r.norm for r in received])
+        if self.scaffold and self.bound.active and received:  # the control changes under the same bound
+            control_reasons, control_report = self.bound.refusals([r.control_norm for r in received],
+                                                                  what="SCAFFOLD control change")
+            reasons = [a or (f"meta {CONTROL_DIFF!r}: {b}" if b else None) for a, b in zip(reasons, control_reasons)]
+            report["scaffold_control"] = control_report
+        if received:
+            self._round_checks["norm_bound"] = report
+        kept = []
+        for r, reason in zip(received, reasons):
+            if reason is None:
+                kept.append(r)
+            else:
+                self.reject(r.site, reason)
+                self._notes.pop(r.site, None)
+                self._ratios.pop(r.site, None)
+        if report.get("refused"):
+            log.warning("REFUSED the update(s) of %s by the norm bound (norms %s)", sorted(report["refused"]),
+                        {s: v["norm"] for s, v in report["refused"].items()})
+        degenerate = degenerate_round([r.norm for r in kept])
+        if degenerate:
+            self._round_checks["degenerate"] = degenerate
+            log.warning(degenerate)
+        for r in kept:
+            params = r.params
+            if self.by_modality is not None:
+                try:
+                    params = self.by_modality.take(params, r.weight, r.held, r.site)
+                except ModalityMetaError as exc:
+                    self.reject(r.site, str(exc))
+                    continue
+            if self.scaffold:
+                self._controls.append((r.site, r.controls, r.weight))
+            self._mean.add({} if self.keeps_updates else params, r.weight, r.site)
+            if self.keeps_updates:
+                self._updates.append((r.site, {k: np.asarray(v, dtype=np.float32) for k, v in r.params.items()}, r.weight))
+            if r.metrics:
+                self._metrics.add(r.metrics, r.weight, r.site)
+                if r.task is not None:
+                    self._task_metrics.setdefault(r.task, WeightedMean()).add(r.metrics, r.weight, r.site)
+        contributors = {name for name, _ in self._mean.contributors}
+        kept = [r for r in kept if r.site in contributors]
+        if len(kept) == 1 and not self.keeps_updates:  # one accepted update: passed on bit for bit
+            self._first_update = {k: np.asarray(v, dtype=np.float32) for k, v in kept[0].params.items()}
+        self._received = []
+        return kept
 
     def _round_meta(self) -> dict[str, Any]:
         """What the round record says about the sites: who counted with which weight, who was rejected and why."""
-        return {
+        meta = {
             "accepted_sites": [name for name, _ in self._mean.contributors],
             "rejected_sites": [name for name, _ in self._rejected],
             "rejections": [{"site": name, "reason": reason} for name, reason in self._rejected],
             "weights": {name: weight for name, weight in self._mean.contributors},
             "weight_notes": dict(self._notes),
             "weigh_by": self.weigh_by,
+            **self._round_checks,
         }
+        if not self.sees_plaintext and self.bound.active:
+            why = ("the server holds ciphertexts only and cannot measure the sites' update norms: no update is refused "
+                   "by its norm (federation.norm_bound does not apply with encryption: he; each site's result guard "
+                   "checks its own update's keys, shapes and finite values before encrypting it)")
+            meta["norm_bound"] = {"applied": False, "reason": why}
+            if not self._told_encrypted:
+                log.warning("encrypted updates: %s", why)
+                self._told_encrypted = True
+        return meta
 
     def _final_weights(self, meta: dict[str, Any]) -> dict[str, float] | None:
         """fedcostwavg: site -> this round's weight (also into ``meta``'s ``weights`` and ``fedcostwavg``); else ``None``."""
         if self.weigh_by != "fedcostwavg":
             return None
         cases = dict(meta["weights"])
-        weights = fedcost_weights(cases, self._ratios, self.fedcost_alpha)
+        ratios = {site: ratio for site, ratio in self._ratios.items() if site in cases}
+        weights = fedcost_weights(cases, ratios, self.fedcost_alpha)
         meta["weights"] = weights
-        meta["fedcostwavg"] = {"alpha": self.fedcost_alpha, "cases": cases, "loss_improvement": dict(self._ratios)}
+        meta["fedcostwavg"] = {"alpha": self.fedcost_alpha, "cases": cases, "loss_improvement": ratios}
         return weights
 
     def aggregate_model(self) -> FLModel:
+        self._close_round()
         meta = self._round_meta()
         accepted, rejected = meta["accepted_sites"], meta["rejected_sites"]
         if len(accepted) < self.min_accepted:

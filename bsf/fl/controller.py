@@ -24,22 +24,35 @@ Differences from ``nvflare.app_common.workflows.fedavg.FedAvg``:
   a non-finite ``c`` is not taken (the previous one stays). ``c`` lives in the server process: a server restart
   (``bsf deploy resume``) starts it at zero again (:mod:`bsf.fl.scaffold`);
 * a per-round record (asked, accepted and missing sites, their weights, rejected sites and why, clipped
-  weight claims, the robust rule's norms and clipped updates, late results, whether the global model was
-  kept) is appended to ``bsf_rounds.jsonl`` in the server's run folder.
+  weight claims, every update's norm and those the norm bound refused, a degenerate round (every accepted update
+  all zeros), the robust rule's norms and clipped updates, late results, whether the global model was
+  kept) is appended to ``bsf_rounds.jsonl`` in the server's run folder;
+* the best global model (``best_FL_global_model.pt``) is chosen here, among *every* global model the sites
+  validated, the last one included (:class:`ModelSelection`). In round r each site validates the global model it
+  receives, the result of round r-1, and sends the metric with its update; NVFlare's ``IntimeModelSelector``
+  stops there, so the last aggregate was never validated and never a candidate. With ``validate_final`` the
+  controller sends the last global model to every site once more as a ``validate`` task after the last round, and
+  that result is a candidate too. A candidate's value is the mean over the sites that reported the metric (each
+  site counts once); the first best stays on a tie. Round 0's validation (the initial model, no aggregate yet) is
+  not a candidate. Which model won, and every candidate's value per site, goes to ``bsf_model_selection.json``
+  in the server's run folder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from typing import Optional
+import time
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 from bsf.config import FederationConfig
@@ -50,6 +63,70 @@ from bsf.federation.server_opt import ServerOptimizer
 from bsf.fl.scaffold import CONTROL_DIFF, CONTROL_GLOBAL
 
 log = logging.getLogger(__name__)
+
+#: the server's record of the model selection (next to ``bsf_rounds.jsonl``)
+SELECTION_FILE = "bsf_model_selection.json"
+#: the task that validates the last global model at every site (the sites' Client API ``is_evaluate()`` task)
+VALIDATE_TASK = AppConstants.TASK_VALIDATION
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if not isinstance(value, bool) and math.isfinite(number) else None
+
+
+class ModelSelection:
+    """Which validated global model is the best, by the job's metric (no NVFlare involved).
+
+    Each candidate is a global model (``model_round``: the round it is the result of) with its metric at each site
+    that validated it; its value is the mean over those sites. :meth:`offer` says whether it beats every earlier
+    candidate (strictly: on a tie the earlier one stays).
+
+    Args:
+        metric: the site metric that decides (e.g. ``val_dice_mean``, ``val_reconstruction_l1``).
+        lower_is_better: the direction (SSL losses: lower is better).
+    """
+
+    def __init__(self, metric: str, lower_is_better: bool = False):
+        self.metric = metric
+        self.lower_is_better = bool(lower_is_better)
+        self.candidates: list[dict[str, Any]] = []
+        self.best: Optional[dict[str, Any]] = None
+
+    def better(self, value: float, than: float) -> bool:
+        return value < than if self.lower_is_better else value > than
+
+    def offer(self, model_round: int, site_values: Mapping[str, Any], validated: str) -> bool:
+        """Add the global model after round ``model_round`` with its per-site values; True when it is the new best.
+        ``validated``: when the sites validated it (e.g. ``round 3``, ``after the last round``). A model no site
+        reported a finite value for is recorded with value ``None`` and is never the best."""
+        values = {site: v for site, v in ((s, _finite(x)) for s, x in sorted(site_values.items())) if v is not None}
+        value = sum(values.values()) / len(values) if values else None
+        candidate = {"model_round": int(model_round), "validated": validated, "value": value, "sites": values}
+        self.candidates.append(candidate)
+        if value is None or (self.best is not None and not self.better(value, self.best["value"])):
+            return False
+        self.best = candidate
+        return True
+
+    def to_dict(self, last_round: Optional[int] = None) -> dict[str, Any]:
+        """The record written to :data:`SELECTION_FILE`."""
+        best_round = self.best["model_round"] if self.best else None
+        return {
+            "metric": self.metric,
+            "lower_is_better": self.lower_is_better,
+            "rule": f"mean of {self.metric} over the sites that validated the model, "
+                    f"{'lowest' if self.lower_is_better else 'highest'} wins, the earlier on a tie",
+            "candidates": list(self.candidates),
+            "best": self.best,
+            "best_model_round": best_round,
+            "last_round": last_round,
+            "last_model_validated": any(c["model_round"] == last_round and c["value"] is not None for c in self.candidates),
+            "best_is_last": best_round is not None and best_round == last_round,
+        }
 
 
 class CheckedFedAvg(FedAvg):
@@ -63,12 +140,17 @@ class CheckedFedAvg(FedAvg):
         wait_time_after_min_received: seconds a round stays open for the others once ``min_responses`` answered.
         fedopt: keyword arguments of :class:`~bsf.federation.server_opt.ServerOptimizer` (``None``: plain FedAvg).
         scaffold: run SCAFFOLD's server side (see the module docstring; the aggregator needs ``scaffold=True`` too).
+        key_metric: the sites' validation metric that picks ``best_FL_global_model.pt`` (``None``: no selection here).
+        lower_is_better: ``key_metric``'s direction.
+        validate_final: after the last round, have every site validate the last global model, so that it is a
+            candidate for the best model too (see the module docstring).
         Other arguments are FedAvg's.
     """
 
     def __init__(self, *args, aggregator: Optional[CheckedFedAvgAggregator] = None, num_clients: int = 0,
                  min_responses: int = 0, wait_time_after_min_received: int = 0, fedopt: Optional[dict] = None,
-                 scaffold: bool = False, **kwargs):
+                 scaffold: bool = False, key_metric: Optional[str] = None, lower_is_better: bool = False,
+                 validate_final: bool = True, **kwargs):
         if aggregator is None:
             aggregator = CheckedFedAvgAggregator()
         if not isinstance(aggregator, CheckedFedAvgAggregator):
@@ -83,6 +165,13 @@ class CheckedFedAvg(FedAvg):
         self._asked: list[str] = []  # the sites asked in the current round
         self._answered: set[str] = set()  # those whose result (or error) arrived before the round closed
         self._late: list[dict] = []  # results of closed rounds that arrived since the last record
+        self.key_metric = key_metric
+        self.lower_is_better = bool(lower_is_better)
+        self.validate_final = bool(validate_final)
+        self.selection = ModelSelection(key_metric, lower_is_better) if key_metric else None
+        self._validation: dict[str, Any] = {}  # site -> key metric of the global model it validated (this task)
+        self._final_validation = False  # the last global model's validate task is out
+        self._last_model: Optional[FLModel] = None  # the global model last saved
 
     @staticmethod
     def federation_options(fed: FederationConfig) -> dict:
@@ -101,8 +190,102 @@ class CheckedFedAvg(FedAvg):
         if model is None:
             self.info("no initial global model: the job does not start")
             return
+        sites = sorted(self.sample_clients())  # every site of the job
+        if len(sites) < self.aggregator.min_accepted:  # every round would train and none aggregate
+            self.panic(f"CANNOT START: federation.min_clients={self.aggregator.min_accepted} but {len(sites)} site(s) "
+                       f"take part ({', '.join(sites) or 'none'}); start the job with more sites (simulator: -n "
+                       f"{self.aggregator.min_accepted}) or lower federation.min_clients")
+            return
         self.model = model
         super().run()
+        if self.selection is not None and self._last_model is not None and not self.abort_signal.triggered:
+            if self.validate_final:
+                self._validate_last(self._last_model)
+            self._write_selection()
+
+    def save_model(self, model: FLModel) -> None:
+        self._last_model = model
+        super().save_model(model)
+
+    # ------------------------------------------------------------------ best model
+    def _note_validation(self, result: FLModel) -> None:
+        """Keep the key metric a site reported for the global model it validated (its update's metrics)."""
+        if self.selection is None:
+            return
+        site = (result.meta or {}).get("client_name", "unknown")
+        value = (result.metrics or {}).get(self.key_metric)
+        if value is not None:
+            self._validation[site] = value
+
+    def _get_aggregated_result(self) -> FLModel:
+        # The round's results are in: the global model the sites validated in this round (the one persisted after
+        # the previous round, still the current one) is a candidate. Round 0 validated the initial model: skipped.
+        if self.selection is not None and self.current_round > 0:
+            self._select(self.current_round - 1, f"round {self.current_round}")
+        return super()._get_aggregated_result()
+
+    def _select(self, model_round: int, validated: str) -> None:
+        values, self._validation = self._validation, {}
+        if not values:
+            self.info(f"model selection: no site reported {self.key_metric} for the global model after round {model_round}")
+            return
+        if self.selection.offer(model_round, values, validated):
+            best = self.selection.best
+            self.info(f"NEW BEST global model: the model after round {model_round}, mean {self.key_metric} "
+                      f"{best['value']:.6g} over {len(best['sites'])} site(s) (validated {validated})")
+            self._announce_best(best)
+        self._write_selection()
+
+    def _announce_best(self, best: Mapping[str, Any]) -> None:
+        """NVFlare's event for a new best global model: the persistor writes the current global model (the one
+        validated) to ``best_FL_global_model.pt``, as it does for ``IntimeModelSelector``."""
+        value = best["value"]
+        self.fl_ctx.set_prop(AppConstants.VALIDATION_RESULT, -value if self.lower_is_better else value,
+                             private=True, sticky=False)
+        self.fl_ctx.set_prop(AppConstants.METRICS_SELECTION_INFO, {
+            "source": type(self).__name__, "metric_source": "site validation of the global model",
+            "key_metric": {"name": self.key_metric, "mode": "min" if self.lower_is_better else "max"},
+            "best_round": best["model_round"], "best_metrics": {self.key_metric: value},
+        }, private=True, sticky=False)
+        self.event(AppEventType.GLOBAL_BEST_MODEL_AVAILABLE)
+
+    def _validate_last(self, model: FLModel) -> None:
+        """Every site validates the last global model (a ``validate`` task); it is then a candidate like the others."""
+        last_round = self.current_round
+        self.info(f"validating the last global model (after round {last_round}) at every site")
+        self._validation = {}
+        self._final_validation = True
+        try:
+            data = FLModel(params=model.params, params_type=ParamsType.FULL, meta={},
+                           current_round=last_round, total_rounds=self.num_rounds)
+            self.send_model(task_name=VALIDATE_TASK, data=data, targets=self.sample_clients(self.num_clients),
+                            callback=self._final_result)
+            while self.get_num_standing_tasks():
+                if self.abort_signal.triggered:
+                    self.info("abort signal: the last global model is not validated")
+                    return
+                time.sleep(self._task_check_period)
+        finally:
+            self._final_validation = False
+        self._select(last_round, "after the last round")
+
+    def _final_result(self, result: FLModel) -> bool:
+        site = (result.meta or {}).get("client_name", "unknown")
+        self._note_validation(result)
+        self.info(f"site {site} validated the last global model: {self.key_metric} "
+                  f"{(result.metrics or {}).get(self.key_metric)}")
+        return True
+
+    def _write_selection(self) -> None:
+        """Write :data:`SELECTION_FILE` (never fails the job)."""
+        try:
+            record = self.selection.to_dict(last_round=self.current_round if self._last_model is not None else None)
+            path = os.path.join(self.get_run_dir(), SELECTION_FILE)
+            with open(path + ".tmp", "w") as handle:
+                json.dump(record, handle, indent=2, sort_keys=True)
+            os.replace(path + ".tmp", path)
+        except Exception as exc:  # a report must never break the job
+            self.warning(f"could not write {SELECTION_FILE}: {exc}")
 
     def load_model(self) -> FLModel:
         model = super().load_model()
@@ -120,8 +303,12 @@ class CheckedFedAvg(FedAvg):
                    timeout: int = 0, callback=None) -> None:
         """FedAvg's round broadcast, closing at ``min_responses`` results plus ``wait_time_after_min_received``."""
         self._asked = sorted(getattr(t, "name", t) for t in targets or [])
-        if self._controls is not None and data is not None:
+        if task_name == self.task_name:
+            self._validation = {}  # the sites validate this round's global model
+        if self._controls is not None and data is not None and task_name == self.task_name:
             data.meta = {**(data.meta or {}), CONTROL_GLOBAL: self._controls}
+        if data is not None and task_name == self.task_name:
+            self.aggregator.start_round(data.params)  # a FULL update's norm is that of its difference to this model
         self._answered = set()
         wanted = min(self.min_responses, len(self._asked)) if self._asked else self.min_responses
         if wanted:
@@ -141,6 +328,7 @@ class CheckedFedAvg(FedAvg):
                      f"(round {self.current_round} is running; that round closed without it)")
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
+        self._note_validation(result)  # the site's metrics of the global model it received, accepted or not
         if self._params_type is None and result.params_type is not None:
             self._params_type = result.params_type
         accepted = self.aggregator.accept_model(result) is not False
@@ -163,6 +351,11 @@ class CheckedFedAvg(FedAvg):
         reached (``ignore_result_error=True``: always; ``False``: never).
         """
         rc = result.get_return_code()
+        if self._final_validation and not is_unknown_task:  # the last global model's validation: a failure only logs
+            if rc and rc != ReturnCode.OK:
+                self.warning(f"site {client_name} could not validate the last global model (return code {rc})")
+                return False
+            return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task=is_unknown_task)
         if not is_unknown_task:
             self._answered.add(client_name)
         if is_unknown_task or not rc or rc == ReturnCode.OK:
@@ -238,7 +431,7 @@ class CheckedFedAvg(FedAvg):
             "late_results": list(self._late),
         }
         self._late = []
-        for key in ("robust", "fedopt", "scaffold", "fedcostwavg", "modalities"):
+        for key in ("norm_bound", "degenerate", "robust", "fedopt", "scaffold", "fedcostwavg", "modalities"):
             if key in meta:
                 record[key] = meta[key]
         if kept:

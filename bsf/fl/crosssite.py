@@ -9,7 +9,8 @@ with models named ``SRV_FL_global_model.pt``, ``SRV_best_FL_global_model.pt`` (t
 ``<site>`` (that site's local model at the end of training). :func:`cross_site_table` turns it
 into rows = models, columns = the sites whose validation cases were used, one table per metric,
 and :func:`write_cross_site_table` writes ``cross_site_table.json`` and ``cross_site_table.md``
-next to it. :class:`CrossSiteResultsWriter` does that on the server at the end of the run (it
+next to it, with the server's choice of the best global model (``bsf_model_selection.json`` of the run,
+:mod:`bsf.fl.controller`: which round's model, its value, and whether it is the last one) when the run has one. :class:`CrossSiteResultsWriter` does that on the server at the end of the run (it
 replaces the job's ``json_generator``); ``python -m bsf.fl.crosssite RUN_DIR`` does it afterwards.
 
 Only scalar metrics are involved: they are what sites send.
@@ -27,12 +28,13 @@ from typing import Any, Mapping, Sequence
 from bsf.io import atomic_write_json, atomic_write_text
 
 RESULTS_FILE = "cross_val_results.json"
+SELECTION_FILE = "bsf_model_selection.json"  # written by bsf.fl.controller.CheckedFedAvg in the server's run folder
 TABLE_JSON = "cross_site_table.json"
 TABLE_MD = "cross_site_table.md"
 SERVER_PREFIX = "SRV_"
 MODEL_LABELS = {
     "SRV_FL_global_model.pt": "global (last round)",
-    "SRV_best_FL_global_model.pt": "global (best round)",
+    "SRV_best_FL_global_model.pt": "global (best validated)",
 }
 
 
@@ -44,7 +46,7 @@ def _model_order(models: Sequence[str]) -> list[str]:
 
 
 def model_label(name: str) -> str:
-    """A readable row name: ``global (last round)``, ``global (best round)``, ``site-1 (local)``."""
+    """A readable row name: ``global (last round)``, ``global (best validated)``, ``site-1 (local)``."""
     if name in MODEL_LABELS:
         return MODEL_LABELS[name]
     if name.startswith(SERVER_PREFIX):
@@ -100,10 +102,25 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def selection_summary(selection: Mapping[str, Any]) -> str | None:
+    """One sentence on the server's best-model choice (a ``bsf_model_selection.json`` record), or None without one."""
+    best = selection.get("best")
+    if not best or best.get("value") is None:
+        return None
+    which = "the last global model" if selection.get("best_is_last") else f"not the last (round {selection.get('last_round')})"
+    validated = "" if selection.get("last_model_validated") else "; the last global model was not validated"
+    return (f"Best global model: the model after round {best['model_round']}, mean {selection['metric']} "
+            f"{best['value']:.4f} over {len(best.get('sites') or {})} site(s), validated {best['validated']}: {which}"
+            f"{validated}.")
+
+
 def format_markdown(table: Mapping[str, Any], title: str | None = None, metrics: Sequence[str] | None = None) -> str:
     """Markdown: one table per metric (main metric first), rows = models, columns = sites + mean."""
     lines = [f"## {title}", ""] if title else []
     lines.append("Rows: the model evaluated; columns: the site whose validation cases were used.")
+    summary = selection_summary(table.get("selection") or {})
+    if summary:
+        lines += ["", summary]
     for name in metrics or table["metrics"]:
         lines += ["", f"**{name}**" + (" (model selection metric)" if name == table["metric"] else ""), ""]
         lines.append("| model | " + " | ".join(table["sites"]) + " | mean |")
@@ -138,6 +155,12 @@ def write_cross_site_table(
     source = find_results(path)
     results = json.loads(source.read_text())
     table = cross_site_table(results, metric)
+    selection = source.parent.parent / SELECTION_FILE  # <run dir>/cross_site_val/cross_val_results.json
+    if selection.is_file():
+        try:
+            table["selection"] = json.loads(selection.read_text())
+        except (OSError, ValueError):  # a report must not fail on a damaged record
+            pass
     out = Path(out_dir) if out_dir is not None else source.parent
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / TABLE_JSON, out / TABLE_MD

@@ -163,8 +163,11 @@ class HEFedAvgAggregator(CheckedFedAvgAggregator):
     A result counts when it is CKKS-encrypted, holds exactly the global model's keys, each a ciphertext of
     that tensor's size, and claims a step count in ``[1, expected_steps]`` (the site scaled its update by
     that count before encrypting, so the claim cannot be clipped here: a claim out of bounds is rejected).
-    Finite values, shapes and dtypes are the site's guard's to check (:mod:`bsf.fl.deploy.privacy`).
+    Finite values, shapes and dtypes are the site's guard's to check (:mod:`bsf.fl.deploy.privacy`). No norm bound:
+    the server cannot measure a ciphertext's norm; the round record's ``norm_bound`` entry and a warning say so.
     """
+
+    sees_plaintext = False  # no norm bound (CheckedFedAvgAggregator) on ciphertexts
 
     def __init__(self, min_accepted: int = 1, expected_steps: int | None = None):
         super().__init__(weigh_by="steps", min_accepted=min_accepted, expected_steps=expected_steps)

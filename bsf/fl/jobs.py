@@ -4,6 +4,7 @@
 
     bsf jobs export                              # (re)write every committed job folder under jobs/
     bsf jobs export --out /tmp/jobs --rounds 5 --local-steps 20
+    bsf jobs export --job stage2_brats --run-config stage2_brats --rounds 250 --local-steps 200   # paper size: state it
     bsf jobs export --job stage3_brats --pretrained /srv/stage1.pt --pretrained-stage stage1   # BSF-1: Stage 1 -> 3
     bsf jobs simulate stage1 -n 3                # the Python route: SimEnv, no job folder needed
     nvflare simulator jobs/stage1 -w /tmp/ws -n 2 -t 2
@@ -11,12 +12,16 @@
 
 A job is one stage of the graph (:mod:`bsf.federation.stages`) with a typed ``federation:`` section
 (:class:`bsf.config.FederationConfig`) written into its run config ``config/bsf_run.yaml``, which the
-server and every site read. The server runs :class:`~bsf.fl.controller.CheckedFedAvg` (FedAvg, checked
+server and every site read. Its schedule (``rounds`` x ``local_steps``) becomes the run config's ``train.steps``;
+the committed jobs' 3 x 4 fit their test presets, so a job exported with another run config (a paper preset) must
+state its own (``--rounds``/``--local-steps`` or the run config's ``federation:`` keys), and ``bsf jobs export``
+prints the schedule it wrote. The server runs :class:`~bsf.fl.controller.CheckedFedAvg` (FedAvg, checked
 aggregation of the ``scope`` part, weights by steps or cases) with
 :class:`~bsf.fl.persistor.BSFModelPersistor` (initial model: seeded, or built from the previous
-stage's model; ``FL_global_model.pt`` every round, ``best_FL_global_model.pt`` by the stage's
-validation metric: SSL reconstruction L1, lower is better; fine-tuning mean Dice, higher is
-better), TensorBoard and JSON metric receivers, and optionally cross-site evaluation written as a
+stage's model; ``FL_global_model.pt`` every round; ``best_FL_global_model.pt`` the global model with the best
+validation metric among all those the sites validated, the last one included, which the controller has the sites
+validate after the last round; SSL reconstruction L1, lower is better; fine-tuning mean Dice, higher is better; the
+choice is recorded in ``bsf_model_selection.json``), TensorBoard and JSON metric receivers, and optionally cross-site evaluation written as a
 table (:mod:`bsf.fl.crosssite`); every site runs the thin entry script ``bsf_client.py``
 (:func:`bsf.fl.client.main`) in process, with no arguments. Nothing else: ``bsf`` is an installed
 package at every site, so no library code is copied into ``custom/``.
@@ -51,6 +56,7 @@ from bsf.config import ENCRYPTIONS, SCOPES, TRANSFER_DTYPES, TRANSFERS, WEIGHTIN
 from bsf.errors import ConfigError
 from bsf.federation import run_folders
 from bsf.federation.run_folders import RUN_CONFIG_FILE
+from bsf.federation.start_checks import check_site_configs, check_site_count
 from bsf.federation.stages import STAGES, StartPoint, get_stage, start_point
 
 log = logging.getLogger(__name__)
@@ -165,7 +171,11 @@ def job_run_config(spec: JobSpec) -> dict[str, Any]:
     for item in spec.run_overrides:
         set_dotted(raw, *parse_override(item))
     raw["federation"] = dataclasses.asdict(spec.federation)
-    _check_stage(spec, load_config(raw), spec.run_config)  # also refuses to export an invalid config
+    try:  # also refuses to export an invalid config (e.g. a warm-up longer than the job's schedule)
+        config = load_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"job {spec.name} (run config {spec.run_config}): {exc}") from None
+    _check_stage(spec, config, spec.run_config)
     return raw
 
 
@@ -203,7 +213,6 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
     Build and export/run with the current folder set to ``workdir`` (see :func:`export_job`),
     because NVFlare records the entry script by its relative path.
     """
-    from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
     from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
     from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
     from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
@@ -241,7 +250,7 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
     job = BaseFedJob(
         name=spec.name,
         min_clients=fed.min_clients,
-        model_selector=IntimeModelSelector(key_metric=metric, negate_key_metric=lower_is_better),
+        key_metric=None,  # no IntimeModelSelector: the controller picks the best model, the last one included
         analytics_receiver=TBAnalyticsReceiver(tb_folder="tb_events"),
         validation_json_generator=CrossSiteResultsWriter(metric=metric) if fed.cross_site_eval else None,
     )
@@ -265,6 +274,9 @@ def build_recipe(spec: JobSpec, workdir: str | os.PathLike):
         aggregator=aggregator,
         task_name="train",
         task_check_period=POLL_SECONDS,
+        key_metric=metric,
+        lower_is_better=lower_is_better,
+        validate_final=fed.validate_global,  # the sites validate every global model, the last one too
         **CheckedFedAvg.federation_options(fed),
     )
     job.to_server(controller, id="fedavg")
@@ -382,13 +394,18 @@ def simulate(
 ) -> Path:
     """Run ``spec`` in NVFlare's simulator through the Python route (``SimEnv``).
 
-    Returns the server's run folder (``<workspace>/<name>/server/simulate_job``).
+    Returns the server's run folder (``<workspace>/<name>/server/simulate_job``). Refused before anything starts
+    (one-line :class:`ConfigError`): fewer sites than ``federation.min_clients``, a site configuration (from
+    ``$BSF_SITE_CONFIG``) that does not load with the job's run config.
     """
     from nvflare.recipe.sim_env import SimEnv
 
     if spec.federation.encryption == "he":
         raise ConfigError(f"job {spec.name}: federation.encryption he needs provisioned HE contexts; the simulator has none. "
                           "Run it in POC mode (bsf deploy poc --encryption he) or a provisioned deployment")
+    sites = list(clients) if clients else [f"site-{i + 1}" for i in range(n_clients)]  # SimEnv's names
+    check_site_count(spec.name, spec.federation.min_clients, sites, how="-c with more sites" if clients else f"-n {spec.federation.min_clients}")
+    check_site_configs(spec.name, job_run_config(spec), sites)
     workspace = Path(workspace).resolve()
     if clients:
         env = SimEnv(clients=list(clients), num_threads=threads or len(clients), workspace_root=str(workspace))
@@ -408,8 +425,76 @@ FEDERATION_OPTIONS = {  # command-line option -> federation key
 }
 
 
+#: the federation keys that make a job's schedule, and their command-line options
+SCHEDULE_OPTIONS = {"rounds": "--rounds", "local_steps": "--local-steps"}
+
+
+def run_config_federation(run_config: str) -> dict[str, Any]:
+    """The ``federation:`` section a run config (preset or YAML) brings itself: the job's defaults for those keys."""
+    section = _config_source(run_config).get("federation") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"run config {run_config}: federation must be a mapping, got {section!r}")
+    names = {f.name for f in dataclasses.fields(FederationConfig)}
+    unknown = sorted(set(section) - names)
+    if unknown:
+        raise ConfigError(f"run config {run_config}: unknown config key federation.{unknown[0]} "
+                          f"(valid in this section: {', '.join(sorted(names))})")
+    return section
+
+
+def _example_schedule(steps: int) -> tuple[int, int] | None:
+    for local_steps in (200, 100, 50, 20, 10, 5):
+        if steps % local_steps == 0 and steps // local_steps >= 2:
+            return steps // local_steps, local_steps
+    return None
+
+
+def _unstated_schedule(spec: JobSpec, base: JobSpec, missing: list[str]) -> str:
+    raw = _config_source(spec.run_config)
+    steps = (raw.get("train") or {}).get("steps", "unset")
+    warmup = (raw.get("optim") or {}).get("warmup_steps", 0)
+    example = _example_schedule(steps) if isinstance(steps, int) else None
+    hint = f" (e.g. --rounds {example[0]} --local-steps {example[1]} for its {steps:,} steps)" if example else ""
+    return (f"job {spec.name}: run config {spec.run_config} (train.steps {steps}, optim.warmup_steps {warmup}) does not "
+            f"say how long the federated job runs, and the job's {base.federation.rounds} rounds x "
+            f"{base.federation.local_steps} local steps belong to its test preset {base.run_config}. Give "
+            f"{' and '.join(missing)}: each site trains rounds x local steps in all{hint}; or set federation.rounds "
+            f"and federation.local_steps in the run config")
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def describe_schedule(spec: JobSpec) -> str:
+    """The schedule ``spec`` writes into its run config, in words: rounds x local steps = total, warm-up."""
+    from bsf.engine import load_config
+
+    fed = spec.federation
+    config = load_config(job_run_config(spec))
+    total, warmup = config.schedule_steps, config.optim.warmup_steps
+    text = (f"{_count(fed.rounds, 'round')} x {_count(fed.local_steps, 'local step')} = "
+            f"{_count(fed.schedule_steps, 'step')} per site, warm-up {_count(warmup, 'step')}")
+    if fed.start_round:
+        text += f", starting at round {fed.start_round}"
+    if warmup >= total:
+        text += " (the whole run is warm-up: a smoke test, the learning rate never reaches optim.lr)"
+    source_steps = (_config_source(spec.run_config).get("train") or {}).get("steps")
+    if isinstance(source_steps, int) and source_steps != fed.schedule_steps:
+        text += f"; run config {spec.run_config} says train.steps {source_steps:,}, the job's schedule replaces it"
+    return text
+
+
 def spec_from_args(args: argparse.Namespace, base: JobSpec) -> JobSpec:
-    """``base`` with the command line's changes (federation keys, run config, overrides, starting model)."""
+    """``base`` with the command line's changes (federation keys, run config, overrides, starting model).
+
+    The federation section: ``base``'s, then the run config's own ``federation:`` keys, then the command line's.
+    A run config other than ``base``'s (e.g. a paper preset) must state the schedule: ``--rounds`` and
+    ``--local-steps``, or ``federation.rounds``/``local_steps`` in the run config; else a :class:`ConfigError` says so
+    (the committed job's rounds and local steps are sized for its test preset).
+    """
+    from bsf.config import _build
+
     federation = {key: getattr(args, opt) for opt, key in FEDERATION_OPTIONS.items() if getattr(args, opt, None) is not None}
     if getattr(args, "no_cross_site_eval", False):
         federation["cross_site_eval"] = False
@@ -427,12 +512,21 @@ def spec_from_args(args: argparse.Namespace, base: JobSpec) -> JobSpec:
         changes["start"] = start_point(base.stage, {source: args.pretrained})
         if changes["start"].stage != source:
             raise ConfigError(f"--pretrained-stage {source}: {base.stage} does not follow it")
-    return replace(base, **changes).with_federation(**federation)
+    spec = replace(base, **changes)
+    own = run_config_federation(spec.run_config)
+    if spec.run_config != base.run_config:
+        missing = [opt for key, opt in SCHEDULE_OPTIONS.items() if key not in federation and key not in own]
+        if missing:
+            raise ConfigError(_unstated_schedule(spec, base, missing))
+    if own:
+        spec = replace(spec, federation=_build(FederationConfig, {**dataclasses.asdict(spec.federation), **own}, "federation."))
+    return spec.with_federation(**federation)
 
 
 def _add_job_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rounds", type=int, help="federation.rounds (default: the job's)")
-    p.add_argument("--local-steps", type=int, help="federation.local_steps")
+    p.add_argument("--rounds", type=int, help="federation.rounds (default: the run config's federation.rounds, else the "
+                   "committed job's; required with a --run-config other than the job's test preset)")
+    p.add_argument("--local-steps", type=int, help="federation.local_steps (default and requirement as for --rounds)")
     p.add_argument("--min-clients", type=int, help="federation.min_clients")
     p.add_argument("--scope", choices=SCOPES, help="federation.scope")
     p.add_argument("--transfer", choices=TRANSFERS, help="federation.transfer")
@@ -457,14 +551,16 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     for name in args.job or list(COMMITTED_JOBS):
-        path = export_job(spec_from_args(args, COMMITTED_JOBS[name]), args.out)
-        print(f"exported {name} -> {path}")
+        spec = spec_from_args(args, COMMITTED_JOBS[name])
+        path = export_job(spec, args.out)
+        print(f"exported {name} -> {path}: {describe_schedule(spec)}")
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
     from bsf.errors import BSFError
 
     spec = spec_from_args(args, COMMITTED_JOBS[args.job])
+    print(f"{spec.name}: {describe_schedule(spec)}")
     clients = [c.strip() for c in args.clients.split(",") if c.strip()] if args.clients else None
     run_dir = simulate(spec, args.workspace, n_clients=args.n_clients, threads=args.threads, clients=clients)
     if not run_folders.global_model(run_dir).is_file():
