@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # (e.g. `.venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cu128`); an installed torch is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-fast venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q --durations=25
+
+# the edit loop: every test but the end-to-end runs (simulator, POC, long training) marked slow
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow" --durations=10
 
 clean:
 	rm -rf demo_out .pytest_cache
