@@ -105,7 +105,7 @@ def test_a_path_that_is_not_a_string_names_its_entry(tmp_path, capsys, entry, na
 
 
 def test_the_test_presets_train_on_an_indexed_datalist_anywhere(tmp_path, monkeypatch):
-    """The README's Stage 2/3 commands: a preset whose default data.root does not exist here, and a datalist
+    """docs/researcher.md's Stage 2/3 commands: a preset whose default data.root does not exist here, and a datalist
     written by `bsf data index` elsewhere, list that datalist's cases."""
     from bsf.config import load_config
     from bsf.data.pipeline import training_split

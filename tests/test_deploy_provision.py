@@ -21,7 +21,7 @@ SITES = {"ukb-site": "ukb.yaml", "brats-site-a": "brats.yaml", "brats-site-b": "
 
 @pytest.fixture(scope="module")
 def prod(tmp_path_factory) -> Path:
-    """The provisioned kits, exactly as the README's command makes them (run from the repository root)."""
+    """The provisioned kits, exactly as the lead's guide's command makes them (docs/lead.md) (run from the repository root)."""
     ws = tmp_path_factory.mktemp("provision")
     proc = subprocess.run([NVFLARE, "provision", "-p", "provisioning/project.yml", "-w", str(ws)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)

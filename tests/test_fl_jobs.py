@@ -70,7 +70,7 @@ def test_initial_global_model_equals_engine_initialisation(tmp_path):
 
 
 def test_readme_production_export_writes_its_numbers_into_the_federation_section(tmp_path, capsys):
-    """README: ``bsf jobs export --job stage1 --run-config stage1_ukb --rounds 100 --local-steps 200``."""
+    """docs/lead.md: ``bsf jobs export --job stage1 --run-config stage1_ukb --rounds 100 --local-steps 200``."""
     argv = ["jobs", "export", "--out", str(tmp_path), "--job", "stage1", "--run-config", "stage1_ukb",
             "--rounds", "100", "--local-steps", "200", "--min-clients", "1"]
     assert bsf_main(argv) == 0

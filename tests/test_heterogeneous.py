@@ -179,7 +179,7 @@ def test_stage2_all_then_stage3_all_in_the_simulator_with_ukb_brats_and_atlas_si
     The ATLAS task's global Dice is not asserted to rise: at this size it stays 0.0 (the lesions are 0.15 % of a 4 mm
     volume; one ATLAS-like site trained alone predicts none before its 4th step, and in the joint job the shared body
     is averaged with two BraTS sites' updates: after 2 rounds x 3 steps atlas-1's own model scored 0.008, the global
-    one 0.0). benchmarks/RESULTS.md "Issue 16" gives the joint ATLAS Dice after 4 rounds x 2 steps."""
+    one 0.0). benchmarks/RESULTS.md "Heterogeneous sites" gives the joint ATLAS Dice after 4 rounds x 2 steps."""
     import bsf.pipeline.chain as chain
     from bsf.federation.initial_model import load_global_model
     from bsf.model import SSLModel

@@ -1,7 +1,8 @@
-"""The README's first hour at test size, through the ``bsf`` command as a new user types it: synthetic data in the
-real layouts, a datalist, its check, Stage 1 -> 2 -> 3 centrally with each stage's exported encoder carried forward
-without any channel flag, then prediction and evaluation. Nothing is edited between the steps, and a rerun of any
-step that would replace a result is refused rather than silently repeated."""
+"""The guides' first hour (docs/data.md, docs/researcher.md, docs/prediction.md) at test size, through the ``bsf``
+command as a new user types it: synthetic data in the real layouts, a datalist, its check, Stage 1 -> 2 -> 3
+centrally with each stage's exported encoder carried forward without any channel flag, then prediction and
+evaluation. Nothing is edited between the steps, and a rerun of any step that would replace a result is refused
+rather than silently repeated."""
 
 from __future__ import annotations
 

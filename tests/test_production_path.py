@@ -319,7 +319,7 @@ def rehearsal_site_config(template: Path, root: Path, datalist: Path) -> dict:
 
 @pytest.mark.slow
 def test_the_guide_on_one_host(tmp_path, capsys):
-    """README "Real deployment", rehearsed as its "Rehearse on one host" section says: a localhost copy of the project,
+    """docs/lead.md, rehearsed as its "Rehearse the steps on one host" section says: a localhost copy of the project,
     CPU kits through the site admin's ``bsf deploy site-kit --gpus 0``, synthetic data indexed with the small-data
     options, then NVFlare's own CLI with the lead's kit: status (server first, sites after), submit, monitor,
     download, Stage 1 -> Stage 2 BraTS from the last global model, shutdown with ``--force``. Nothing may outlive it.
