@@ -19,6 +19,7 @@ def _weights_equal(a: Engine, b: Engine) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_synthetic_brains(stage1_config):
     engine = Engine(stage1_config("train.steps=30", "optim.lr=1e-3", "optim.warmup_steps=3"))
     losses = [r["loss"] for r in engine.train_steps(30)]
@@ -99,6 +100,7 @@ def _get_result(queue, procs, timeout_s: float = 600.0):
     pytest.fail("DDP workers timed out")
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process_with_same_global_batch(stage1_config, ukb_root, tmp_path):
     """2 ranks x 1 micro-batch == 1 process x 2 accumulated micro-batches (same samples, same views).
 

@@ -138,6 +138,7 @@ def test_atlas_reports_the_four_challenge_metrics(data, tmp_path, capsys):
     assert rows[1][0] == "scratch" and len(_numbers(rows[1][1:])) == 4
 
 
+@pytest.mark.slow
 def test_federated_runs_go_through_the_nvflare_simulator(data, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BSF_PRETRAINED", str(tmp_path / "must_not_be_used.pt"))  # the scratch arm ignores it
     out = tmp_path / "atlas_fl"

@@ -116,6 +116,7 @@ def test_the_new_output_layer_starts_at_the_foreground_prior():
     assert 0.3 < float(probabilities.mean()) < 0.7  # PyTorch's default init: about half the voxels foreground
 
 
+@pytest.mark.slow
 def test_stage3_learns_synthetic_tumours_above_a_justified_dice_floor(tmp_path):
     """15 Stage-3 steps from scratch on BraTS-like cases segment a held-out case's tumour.
 
