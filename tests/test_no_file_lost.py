@@ -20,13 +20,12 @@ import bsf.data.index
 import bsf.predict
 import bsf.train
 from bsf.cli import main
-from bsf.config import load_config
 from bsf.data.synth import check_synth_output, subject_files, synthesize
-from bsf.engine import build_model
 from bsf.errors import OutputError
 from bsf.outputs import FileSet, check_output_file, check_output_files, same_file
 from bsf.train import BEST, LAST, RUN_LOG, SUMMARY, check_run_folder
 from tests.cli_errors import one_line_error
+from tests.small_brats import brats_and_model
 
 SPELLINGS = ["same path", "relative path", "symbolic link", "hard link"]
 MODALITIES = ["flair", "t1ce", "t1", "t2"]
@@ -63,12 +62,7 @@ def _must_not_run(*args, **kwargs):
 def brats(tmp_path_factory):
     """Two synthetic BraTS cases at 8 mm, a datalist, and a random test-size Stage 3 model carrying its config."""
     base = tmp_path_factory.mktemp("no_file_lost")
-    root = base / "brats"
-    synthesize("brats", 2, root, spacing=8.0, seed=4)
-    config = load_config("stage3_brats_test", [f"data.root={root}", f"train.output_dir={base / 'run'}"])
-    model = base / "run" / "checkpoint_last.pt"
-    model.parent.mkdir()
-    torch.save({"model": build_model(config).state_dict(), "config": config.to_dict()}, model)
+    root, model = brats_and_model(base, seed=4)
     cases = [{"id": f"BraTS2021_0000{i}", "image": [f"BraTS2021_0000{i}/BraTS2021_0000{i}_{m}.nii.gz" for m in MODALITIES],
               "label": f"BraTS2021_0000{i}/BraTS2021_0000{i}_seg.nii.gz"} for i in range(2)]
     datalist = base / "datalist.json"

@@ -32,6 +32,7 @@ from bsf.engine import build_model
 from bsf.io import STALE_TEMP_SECONDS, remove_own_temp_files, sweep_stale_temp_files, temp_pattern
 from bsf.train import BEST, LAST, RUN_FILES, RUN_LOG, SUMMARY
 from tests.cli_errors import one_line_error
+from tests.small_brats import brats_and_model
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES = ["flair", "t1ce", "t1", "t2"]
@@ -64,12 +65,7 @@ def _zeroed(src: Path, dst: Path, keep_one_voxel: bool = False) -> Path:
 def brats(tmp_path_factory):
     """Two synthetic BraTS cases at 8 mm, a random test-size Stage 3 model carrying its config, a datalist."""
     base = tmp_path_factory.mktemp("user_errors")
-    root = base / "brats"
-    synthesize("brats", 2, root, spacing=8.0, seed=3)
-    config = load_config("stage3_brats_test", [f"data.root={root}", f"train.output_dir={base / 'run'}"])
-    model = base / "run" / "checkpoint_last.pt"
-    model.parent.mkdir()
-    torch.save({"model": build_model(config).state_dict(), "config": config.to_dict()}, model)
+    root, model = brats_and_model(base, seed=3)
     case = root / "BraTS2021_00000"
     return {"base": base, "root": root, "model": model, "files": [case / f"BraTS2021_00000_{m}.nii.gz" for m in MODALITIES]}
 
