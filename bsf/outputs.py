@@ -127,14 +127,7 @@ def check_output_file(
     """``path`` as a file that may be written now; OutputError naming it when it is one of ``inputs`` or of ``keep``
     (files that are not inputs but are never replaced: a case's own label and images), even with ``force``, a
     folder, an existing file (or symbolic link) without ``force``, or in a folder that cannot be created."""
-    path = Path(path)
-    _check_not_an_input(path, _as_file_set(inputs), what, _as_file_set(keep))
-    if path.is_dir():
-        raise OutputError(f"{what} {path}: is a folder; give a file name")
-    if (path.exists() or path.is_symlink()) and not force:
-        raise OutputError(f"{what} {path}: already exists; pass --force to replace it")
-    _check_creatable(path.parent, f"{what} {path}")
-    return path
+    return check_output_files([path], what=what, inputs=inputs, keep=keep, force=force)[0]
 
 
 def existing_outputs(paths: Iterable[str | os.PathLike]) -> list[Path]:

@@ -97,8 +97,8 @@ def earlier_run(path: str | os.PathLike) -> list[Path]:
     return found
 
 
-def check_run_folder(path: str | os.PathLike, *, resume: bool = False, force: bool = False) -> list[Path]:
-    """Check ``train.output_dir`` before any work; returns the earlier run's files this run replaces (with ``force``).
+def check_run_folder(path: str | os.PathLike, *, resume: bool = False, force: bool = False) -> None:
+    """Check ``train.output_dir`` before any work (``force``: the earlier run's files are replaced, :func:`earlier_run`).
 
     Refused (OutputError naming the folder): a file where the folder should be, a folder where the run writes a
     file, ``resume`` and ``force`` together, and a folder holding an earlier run (:func:`earlier_run`) unless
@@ -116,17 +116,14 @@ def check_run_folder(path: str | os.PathLike, *, resume: bool = False, force: bo
     if resume and force:
         raise OutputError(f"train.output_dir {out}: --resume continues the run there and --force starts over, replacing it; "
                           "give one of them")
-    if force:
-        return earlier
-    if not earlier:
-        return []
+    if force or not earlier:
+        return
     if not resume:
         raise OutputError(f"train.output_dir {out}: holds an earlier run ({names}); pass --resume to continue that run, "
                           "or --force to start over, replacing it")
     if not (out / LAST).is_file():
         raise OutputError(f"train.output_dir {out}: holds an earlier run ({names}) but no {LAST} for --resume to continue "
                           "from; pass --force to start over, replacing it")
-    return []
 
 
 def _remove_earlier_run(out: Path) -> None:

@@ -23,7 +23,7 @@ from bsf.cli import main
 from bsf.data.synth import check_synth_output, subject_files, synthesize
 from bsf.errors import OutputError
 from bsf.outputs import FileSet, check_output_file, check_output_files, same_file
-from bsf.train import BEST, LAST, RUN_LOG, SUMMARY, check_run_folder
+from bsf.train import BEST, LAST, RUN_LOG, SUMMARY, check_run_folder, earlier_run
 from tests.cli_errors import one_line_error
 from tests.small_brats import brats_and_model
 
@@ -154,7 +154,7 @@ def test_train_takes_a_fresh_or_empty_folder_without_flags(tmp_path, state):
         (out / "notes.txt").write_text("mine")
     if state == "empty tb":
         (out / "tb").mkdir()
-    assert check_run_folder(out) == []
+    check_run_folder(out)  # accepted: no earlier run there
 
 
 def test_train_resume_and_force_choices(tmp_path, capsys, monkeypatch):
@@ -168,8 +168,9 @@ def test_train_resume_and_force_choices(tmp_path, capsys, monkeypatch):
     one_line_error(capsys, out, "--resume", "--force")
     assert _snapshot(out) == before
     _plant_run(out, LAST)
-    assert check_run_folder(out, resume=True) == []
-    assert sorted(p.name for p in check_run_folder(out, force=True)) == sorted([LAST, BEST, SUMMARY])
+    check_run_folder(out, resume=True)
+    check_run_folder(out, force=True)
+    assert sorted(p.name for p in earlier_run(out)) == sorted([LAST, BEST, SUMMARY])  # what --force replaces
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OutputError, match="afile: exists and is not a folder"):
         check_run_folder(tmp_path / "afile", force=True)

@@ -33,7 +33,9 @@ from bsf.cli import main as bsf_main
 from bsf.config import load_config
 from bsf.errors import ConfigError
 from bsf.fl.aggregation import CheckedFedAvgAggregator
-from bsf.fl.controller import SELECTION_FILE, CheckedFedAvg, ModelSelection
+from bsf.federation.model_selection import ModelSelection
+from bsf.federation.run_folders import SELECTION_FILE
+from bsf.fl.controller import CheckedFedAvg
 from tests.nvflare_fakes import site_context
 
 REPO = Path(__file__).resolve().parents[1]

@@ -59,11 +59,12 @@ def describe_checkpoint(path: str | os.PathLike, checkpoint: Mapping[str, Any] |
     return None, ""
 
 
-def pretrained_modalities(config: RunConfig) -> list[str]:
-    """The modality of each input channel of ``model.pretrained``: what the checkpoint says of itself, else
-    ``model.pretrained_modalities``. A checkpoint that disagrees with a configured value wins, with a log line."""
+def pretrained_modalities(config: RunConfig, checkpoint: Mapping[str, Any] | None = None) -> list[str]:
+    """The modality of each input channel of ``model.pretrained`` (``checkpoint``: that file as already read): what
+    the checkpoint says of itself, else ``model.pretrained_modalities``. A checkpoint that disagrees with a
+    configured value wins, with a log line."""
     configured = list(config.model.pretrained_modalities)
-    description, where = describe_checkpoint(config.model.pretrained)
+    description, where = describe_checkpoint(config.model.pretrained, checkpoint)
     if description is None:
         return configured
     if list(description.modalities) != configured:
@@ -74,7 +75,10 @@ def pretrained_modalities(config: RunConfig) -> list[str]:
 
 def load_pretrained_if_configured(model: nn.Module, config: RunConfig) -> None:
     """Load ``model.pretrained``'s encoder into ``model``, adapting channels by modality name (seeded)."""
-    if config.model.pretrained:
-        if not Path(config.model.pretrained).is_file():
-            raise CheckpointError(f"pretrained encoder {config.model.pretrained}: no such file (set model.pretrained to the previous stage's model)")
-        load_pretrained_encoder(model, config.model.pretrained, pretrained_modalities(config), input_modalities(config), seed=config.seed)
+    path = config.model.pretrained
+    if path:
+        if not Path(path).is_file():
+            raise CheckpointError(f"pretrained encoder {path}: no such file (set model.pretrained to the previous stage's model)")
+        checkpoint = read_checkpoint(path, "pretrained encoder")  # read once: its description and its weights
+        load_pretrained_encoder(model, path, pretrained_modalities(config, checkpoint), input_modalities(config),
+                                seed=config.seed, loaded=checkpoint)

@@ -7,6 +7,7 @@ for ``nvflare simulator`` and ``<workspace>/<job name>/server/simulate_job`` for
     app_server/best_FL_global_model.pt   the validated global model with the best metric
     bsf_rounds.jsonl                     one line per completed round (accepted / rejected sites, metrics)
     bsf_metrics.json                     the sites' streamed scalars
+    bsf_model_selection.json             every validated global model's metric, and which one is the best
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ GLOBAL_MODEL = "FL_global_model.pt"
 BEST_MODEL = "best_FL_global_model.pt"
 ROUNDS_FILE = "bsf_rounds.jsonl"
 METRICS_FILE = "bsf_metrics.json"
+SELECTION_FILE = "bsf_model_selection.json"  # which validated global model is the best, and every candidate
 RUN_CONFIG_FILE = "bsf_run.yaml"  # the run config a job carries in its app's config/ folder
 #: the key of a persisted global model's round (next to ``model`` in the checkpoint dict)
 ROUND_KEY = "bsf_round"

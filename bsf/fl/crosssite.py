@@ -25,10 +25,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bsf.federation.run_folders import SELECTION_FILE
 from bsf.io import atomic_write_json, atomic_write_text
 
 RESULTS_FILE = "cross_val_results.json"
-SELECTION_FILE = "bsf_model_selection.json"  # written by bsf.fl.controller.CheckedFedAvg in the server's run folder
 TABLE_JSON = "cross_site_table.json"
 TABLE_MD = "cross_site_table.md"
 SERVER_PREFIX = "SRV_"

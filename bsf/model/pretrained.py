@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
@@ -22,8 +22,9 @@ def load_pretrained_encoder(
     target_modalities: Sequence[str],
     *,
     seed: int = 0,
+    loaded: Mapping[str, Any] | None = None,
 ) -> ImportReport:
-    """Load the ``swinViT.*`` weights of ``checkpoint`` into ``model``.
+    """Load the ``swinViT.*`` weights of ``checkpoint`` into ``model`` (``loaded``: the file as already read).
 
     The patch embedding is adapted from ``source_modalities`` (the previous stage's input
     channels, e.g. ``("t1", "flair")``) to ``target_modalities`` (this model's, e.g. BraTS
@@ -32,9 +33,9 @@ def load_pretrained_encoder(
     Any other mismatch raises :class:`CheckpointError` listing every unmatched key.
     """
     path = Path(checkpoint)
-    if not path.is_file():
+    if loaded is None and not path.is_file():
         raise CheckpointError(f"pretrained encoder {path}: no such file (set model.pretrained to the previous stage's model)")
-    encoder = select_weights(normalize_checkpoint_keys(path), "encoder")
+    encoder = select_weights(normalize_checkpoint_keys(path if loaded is None else loaded, origin=str(path)), "encoder")
     if not encoder:
         raise CheckpointError(f"pretrained encoder {path}: holds no swinViT.* weights")
     try:
