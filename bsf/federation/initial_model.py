@@ -146,17 +146,18 @@ def initial_global_weights(
         raise CheckpointError(f"{job}: the previous stage's model {path} (from {origin}) not found on the server")
     config = copy.deepcopy(config)
     config.model.pretrained = str(path)
-    from bsf.engine.stage_model import input_modalities
+    from bsf.engine.stage_model import input_modalities, pretrained_modalities
 
     target = input_modalities(config)
     try:
+        source_channels = pretrained_modalities(config)  # for the log line; read once more, once per job
         weights = initial_weights(config, scope)
     except BSFError as exc:
         raise CheckpointError(
             f"{job}: the previous stage's model {path} (from {origin}) does not fit this job's model "
             f"(size {config.model.size!r}, channels -> {target}): {exc}"
         ) from None
-    return weights, f"the previous stage's model {path} (from {origin}), channels adapted by modality to {target}"
+    return weights, f"the previous stage's model {path} (from {origin}), channels {source_channels} -> {target}"
 
 
 def selection_metric(config: Any) -> tuple[str, bool]:
